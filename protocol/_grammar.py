@@ -155,7 +155,9 @@ def split_mailbox(address: str) -> tuple[str, str]:
 #   esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
 #   esmtp-value   = 1*(%d33-60 / %d62-126)        ; RFC 6531 adds UTF8-non-ascii
 _PARAM_ASCII = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
-_PARAM_UTF8 = re.compile(rf"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e{_UTF8_NON_ASCII}]+))?")
+_PARAM_UTF8 = re.compile(
+    rf"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e{_UTF8_NON_ASCII}]+))?"
+)
 
 
 def parse_params(text: str, *, utf8: bool) -> dict[str, str | None]:

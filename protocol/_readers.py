@@ -57,7 +57,9 @@ def _syntax(text: str = "Syntax error") -> GrammarError:
     return GrammarError(501, "5.5.4", text)
 
 
-def _no_args(cls: type[Command]) -> Callable[[str, ServerConfig, bool], Command]:
+def _no_args(
+    cls: type[Data | Rset | Quit | StartTLS],
+) -> Callable[[str, ServerConfig, bool], Command]:
     def parse(arg: str, config: ServerConfig, utf8: bool) -> Command:
         if arg.strip():
             raise _syntax("Syntax error (no parameters allowed)")
@@ -205,7 +207,8 @@ def _parse_auth(arg: str, config: ServerConfig, utf8: bool) -> Command:
     if not 1 <= len(words) <= 2 or not words[0]:
         raise _syntax("Syntax error in AUTH")
     try:
-        return Auth(mechanism=words[0].upper(), initial_response=words[1] if len(words) == 2 else None)
+        initial = words[1] if len(words) == 2 else None
+        return Auth(mechanism=words[0].upper(), initial_response=initial)
     except ValueError:
         raise _syntax("Syntax error in AUTH") from None
 

@@ -43,6 +43,7 @@ import base64
 import binascii
 from collections import deque
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._errors import LocalProtocolError, RemoteProtocolError
@@ -77,12 +78,15 @@ from mailwire.protocol._events import (
 )
 from mailwire.protocol._grammar import GrammarError
 from mailwire.protocol._readers import VERBS, BodyReader, decode_line, split_verb
-from mailwire.protocol._state import COMMAND_STATES, GREETED_STATES, SessionState, is_legal
+from mailwire.protocol._state import GREETED_STATES, SessionState, is_legal
 from mailwire.protocol._writers import format_reply
 
 S = SessionState
 _HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"})
-_DECISIONS = (Helo, Ehlo, Lhlo, MailFrom, RcptTo, Vrfy)
+_ENDED = frozenset({S.CLOSED, S.ERROR})
+_WAITING = frozenset({S.STARTTLS})
+_NOT_PARSING = frozenset({S.CLOSED, S.ERROR, S.STARTTLS, S.GREETING})
+Decision: TypeAlias = Helo | Ehlo | Lhlo | MailFrom | RcptTo | Vrfy | AuthCredentials | EndOfMessage
 # Enhanced status codes (RFC 3463) used when the application's reply carries none.
 _DEFAULT_ENHANCED: dict[tuple[type[object], int], str] = {
     (MailFrom, 2): "2.1.0",
@@ -132,7 +136,7 @@ class ServerConnection:
         self._eof = False
         self._out: list[bytes] = []
         self._events: deque[ServerEvent] = deque()
-        self._owed: Command | EndOfMessage | AuthCredentials | None = None
+        self._owed: Decision | None = None
         self._owed_count = 0
         self._refused = False  # greeted with 554: only QUIT is accepted (RFC 5321 3.1)
         self._esmtp = False
@@ -261,14 +265,12 @@ class ServerConnection:
         if self.owes_reply or self._state is S.STARTTLS:
             return PAUSED
         try:
-            while not self._events and self._state is not S.CLOSED and not self.owes_reply:
+            while not self._events and self._parsing():
                 before = (self._pos, self._state, self._bdat)
                 if self._state is S.DATA:
                     self._read_body()
                 elif self._bdat is not None:
                     self._read_bdat()
-                elif self._state is S.STARTTLS:
-                    break
                 else:
                     self._read_line()
                 if (self._pos, self._state, self._bdat) == before:
@@ -283,13 +285,17 @@ class ServerConnection:
             raise RemoteProtocolError(f"internal error: {exc!r}", reply_hint=reply) from exc
         if self._events:
             return self._events.popleft()
-        if self._eof and self._state is not S.CLOSED and not self.owes_reply:
-            self._state = S.CLOSED
+        if self.owes_reply or self._state in _WAITING:
+            return PAUSED
+        if self._eof or self._state in _ENDED:
+            if self._state not in _ENDED:
+                self._state = S.CLOSED
             self._body = None
             return ConnectionClosed()
-        if self._state is S.CLOSED:
-            return ConnectionClosed()
-        return PAUSED if self.owes_reply else NEED_DATA
+        return NEED_DATA
+
+    def _parsing(self) -> bool:
+        return self._state not in _NOT_PARSING and not self.owes_reply
 
     # --- output -----------------------------------------------------------------------------
 
@@ -351,7 +357,9 @@ class ServerConnection:
         self._out.append(format_reply(code, reply.lines))
         return reply
 
-    def _reject(self, line: bytes, code: int, enhanced: str, text: str, *, bad: bool = True) -> None:
+    def _reject(
+        self, line: bytes, code: int, enhanced: str, text: str, *, bad: bool = True
+    ) -> None:
         reply = self._queue(code, enhanced, text)
         self._events.append(CommandRejected(line=line[:1000], reply=reply))
         if bad:
@@ -626,12 +634,12 @@ class ServerConnection:
             case _:  # AuthResponse outside AUTH (cannot be parsed from a line) and Bdat
                 self._sequence_error(line, command)
 
-    def _auto(self, command: Command, code: int, enhanced: str, text: str) -> None:
+    def _auto(self, command: ServerEvent, code: int, enhanced: str, text: str) -> None:
         self._queue(code, enhanced, text)
         self._timer_start = self._now
         self._events.append(command)
 
-    def _decide(self, command: Command | AuthCredentials) -> None:
+    def _decide(self, command: Decision) -> None:
         self._owed = command
         self._events.append(command)
 

@@ -34,6 +34,7 @@ def test_public_api_is_deliberate() -> None:
     import mailwire.protocol
 
     assert sorted(mailwire.protocol.__all__) == sorted(
-        name for name in dir(mailwire.protocol) if not name.startswith("_")
-        and name not in {"annotations"}
+        name
+        for name in dir(mailwire.protocol)
+        if not name.startswith("_") and name not in {"annotations"}
     )
