@@ -187,7 +187,9 @@ class ServerConnection:
     @property
     def owes_reply(self) -> bool:
         """True while the application owes a reply (next_event() returns PAUSED)."""
-        return self._owed is not None or (self._state is S.GREETING and not self._refused)
+        if self._owed is not None:
+            return not self._events  # owed once the decision event has been handed out
+        return self._state is S.GREETING and not self._refused
 
     @property
     def deadline(self) -> float | None:
@@ -382,7 +384,7 @@ class ServerConnection:
                 self._refused = code == 554
             return
         owed = self._owed
-        if owed is None:
+        if owed is None or self._events:
             raise LocalProtocolError("send() called but no reply is owed")
         if cls == 3:
             raise LocalProtocolError(f"a 3yz reply cannot answer {type(owed).__name__}")
