@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable
 
 from mailwire.protocol._config import LineEndings, ServerConfig
+from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import (
     Auth,
     Bdat,
@@ -209,7 +210,7 @@ def _parse_auth(arg: str, config: ServerConfig, utf8: bool) -> Command:
     try:
         initial = words[1] if len(words) == 2 else None
         return Auth(mechanism=words[0].upper(), initial_response=initial)
-    except ValueError:
+    except LocalProtocolError:
         raise _syntax("Syntax error in AUTH") from None
 
 

@@ -532,6 +532,13 @@ class ServerConnection:
                 return
             else:
                 command = parse(arg, self.config, utf8)
+        except LocalProtocolError:
+            # An event constructor refused a decoded value (e.g. ENVID=+0D decodes to CR).
+            exc = GrammarError(501, "5.5.4", "Syntax error in parameters")
+            if verb == b"BDAT":
+                raise RemoteProtocolError("malformed BDAT", reply_hint=None) from None
+            self._reject(line, exc.code, exc.enhanced, exc.text)
+            return
         except GrammarError as exc:
             if verb == b"BDAT":
                 hint = self._queue(exc.code, exc.enhanced, f"{exc.text}; closing connection")

@@ -930,3 +930,23 @@ def test_no_deadline_without_a_clock() -> None:
     conn = ServerConnection(ServerConfig())
     conn.send(Reply(code=220, text="hi"))
     assert conn.deadline is None and not conn.check_timeout(1e12)
+
+
+# --- regressions found by the property tests --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"AUTH PLAIN:\r\n",  # mechanism with ':' made the Auth constructor raise
+        b"MAIL FROM:<a@b.example> ENVID=+0D\r\n",  # xtext decoding to CR
+        b"MAIL FROM:<a@b.example> AUTH=+00\r\n",  # xtext decoding to NUL
+        b"RCPT TO:<a@b.example> ORCPT=rfc822;+0A\r\n",  # xtext decoding to LF
+    ],
+)
+def test_decoded_values_that_events_refuse_get_501(line: bytes) -> None:
+    s = Session(auth_mechanisms=("PLAIN",), auth_requires_tls=False)
+    s.greet()
+    if line.startswith(b"RCPT"):
+        s.feed(b"MAIL FROM:<x@y.example>\r\n")
+    assert s.codes(line) == [501]
