@@ -119,3 +119,69 @@ class ServerConfig:
         if self.auth_mechanisms:
             limit = MAX_AUTH_LINE
         return limit
+
+
+# --- the client side ------------------------------------------------------------------------
+# RFC 5321 4.5.3.2 client timeouts, in seconds: how long to wait for each reply.
+GREETING_TIMEOUT = 300.0  # 4.5.3.2.1: initial 220 message, 5 minutes
+MAIL_TIMEOUT = 300.0  # 4.5.3.2.2: MAIL command, 5 minutes
+RCPT_TIMEOUT = 300.0  # 4.5.3.2.3: RCPT command, 5 minutes
+DATA_INIT_TIMEOUT = 120.0  # 4.5.3.2.4: DATA initiation (the 354), 2 minutes
+DATA_END_TIMEOUT = 600.0  # 4.5.3.2.6: DATA termination (the 250 after "."), 10 minutes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Configuration of a :class:`ClientConnection`.
+
+    Attributes:
+        local_hostname: this client's name, the argument of EHLO/HELO/LHLO.
+        lmtp: speak LMTP (RFC 2033): LHLO, one final reply per accepted recipient.
+        allow_plaintext_auth: allow AUTH on a connection without TLS (off by default: the
+            credentials would cross the network in clear text).
+        max_reply_line: longest reply line accepted, CRLF included.  RFC 5321 4.5.3.1.5
+            sets 512; real servers exceed it, so the default is more lenient.
+        max_reply_lines: most lines in one multi-line reply (bounds memory).
+        bdat_chunk_size: octets per BDAT chunk the transaction helper aims for.
+        greeting_timeout, mail_timeout, rcpt_timeout, data_init_timeout,
+        data_block_timeout, data_end_timeout: RFC 5321 4.5.3.2 timeouts, in seconds.
+        command_timeout: timeout for the replies to every other command.
+    """
+
+    local_hostname: str = "localhost"
+    lmtp: bool = False
+    allow_plaintext_auth: bool = False
+    max_reply_line: int = 4 * MAX_REPLY_LINE
+    max_reply_lines: int = 1000
+    bdat_chunk_size: int = 64 * 1024
+    greeting_timeout: float = GREETING_TIMEOUT
+    mail_timeout: float = MAIL_TIMEOUT
+    rcpt_timeout: float = RCPT_TIMEOUT
+    data_init_timeout: float = DATA_INIT_TIMEOUT
+    data_block_timeout: float = DATA_BLOCK_TIMEOUT
+    data_end_timeout: float = DATA_END_TIMEOUT
+    command_timeout: float = COMMAND_TIMEOUT
+
+    def __post_init__(self) -> None:
+        name = self.local_hostname
+        if not name or any(c.isspace() or c in "\r\n\x00" for c in name):
+            raise LocalProtocolError(f"bad local_hostname {name!r}")
+        if self.max_reply_line < MAX_REPLY_LINE:
+            raise LocalProtocolError(
+                f"max_reply_line must be at least {MAX_REPLY_LINE} (RFC 5321 4.5.3.1.5)"
+            )
+        if self.max_reply_lines < 1:
+            raise LocalProtocolError("max_reply_lines must be >= 1")
+        if self.bdat_chunk_size < 1:
+            raise LocalProtocolError("bdat_chunk_size must be >= 1")
+        timeouts = (
+            self.greeting_timeout,
+            self.mail_timeout,
+            self.rcpt_timeout,
+            self.data_init_timeout,
+            self.data_block_timeout,
+            self.data_end_timeout,
+            self.command_timeout,
+        )
+        if any(t <= 0 for t in timeouts):
+            raise LocalProtocolError("timeouts must be positive")
