@@ -1,0 +1,271 @@
+"""The SMTP server on blocking sockets, one thread per connection: ``serve()`` and
+``Controller``.
+
+This module only moves bytes, sleeps until the engine's deadline (socket timeouts) and does
+TLS (``SSLContext.wrap_socket``); every SMTP decision is made by :mod:`mailwire.protocol` and
+the handler, through :mod:`mailwire.adapters._driver`.  Handler methods are plain functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from mailwire.adapters._driver import (
+    BaseController,
+    Driver,
+    Handler,
+    Live,
+    bind,
+    new_session,
+    refusal,
+    run_sync,
+)
+from mailwire.protocol._config import ServerConfig
+
+__all__ = ["Controller", "serve"]
+
+log = logging.getLogger("mailwire.adapters.threads")
+READ_SIZE = 64 * 1024
+_CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and joining sessions after shutdown
+
+
+class _Server:
+    def __init__(
+        self,
+        handler: Handler,
+        config: ServerConfig,
+        *,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        max_connections: int,
+    ) -> None:
+        if (config.starttls or implicit_tls) and tls_context is None:
+            raise ValueError("STARTTLS or implicit TLS needs a tls_context")
+        self.handler, self.config = handler, config
+        self.tls_context, self.implicit_tls = tls_context, implicit_tls
+        self.max_connections = max_connections
+        self.lock = threading.Lock()
+        self.live: dict[Live, threading.Thread] = {}
+        self.threads: set[threading.Thread] = set()
+        self.stopping = False
+        self.grace = 0.0
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    def run(
+        self, sockets: Sequence[socket.socket], grace: float, ready: Callable[[], None] | None
+    ) -> None:
+        self.grace = grace
+        with selectors.DefaultSelector() as sel:
+            for sock in sockets:
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wakeup_r, selectors.EVENT_READ)
+            log.info("listening on %s", [s.getsockname() for s in sockets])
+            if ready is not None:
+                ready()
+            try:
+                while not self.stopping:
+                    for key, _ in sel.select():
+                        if key.fileobj is not self._wakeup_r:
+                            self._accept(key.fileobj)  # type: ignore[arg-type]
+            finally:
+                for sock in sockets:  # stop accepting: new connections are refused
+                    sel.unregister(sock)
+                    sock.close()
+                self._drain_sessions()
+                self._wakeup_r.close()
+                self._wakeup_w.close()
+
+    def request_stop(self, grace: float) -> None:
+        self.grace = grace
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self._wakeup_w.send(b"x")
+
+    def _drain_sessions(self) -> None:
+        self.stopping = True
+        with self.lock:
+            lives = list(self.live)
+        for live in lives:
+            live.kick(force=False)
+        _join(self._threads(), self.grace)
+        with self.lock:
+            lives = list(self.live)
+        for live in lives:
+            live.kick(force=True)
+        _join(self._threads(), _CLOSE_TIMEOUT)
+
+    def _threads(self) -> list[threading.Thread]:
+        with self.lock:
+            return list(self.threads)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        sock.setblocking(True)
+        thread = threading.Thread(target=self._connection, args=(sock,), daemon=True)
+        with self.lock:
+            self.threads.add(thread)
+        thread.start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(self.config.command_timeout)
+            if self.implicit_tls:
+                assert self.tls_context is not None
+                sock = self.tls_context.wrap_socket(sock, server_side=True)
+            with self.lock:
+                refuse = len(self.live) >= self.max_connections or self.stopping
+            if refuse:
+                log.warning("refusing %s: too many connections", sock.getpeername())
+                sock.sendall(refusal(self.config))
+                return
+            session = new_session(sock.getpeername(), sock.getsockname(), tls=self.implicit_tls)
+            driver = Driver(self.handler, self.config, session, clock=time.monotonic, logger=log)
+            live = Live(driver=driver, wake=lambda: _shut_read(sock))
+            with self.lock:
+                self.live[live] = threading.current_thread()
+            log.debug("%s connect from %s", session.id, session.peer)
+            try:
+                self._session(live, sock)
+            except (OSError, ssl.SSLError) as exc:
+                log.info("%s connection lost: %r", session.id, exc)
+            finally:
+                with self.lock:
+                    del self.live[live]
+                run_sync(driver.finish())
+        except (OSError, ssl.SSLError) as exc:
+            log.info("connection failed before the session: %r", exc)
+        finally:
+            sock.close()
+            with self.lock:
+                self.threads.discard(threading.current_thread())
+
+    def _session(self, live: Live, sock: socket.socket) -> None:
+        driver = live.driver
+        while True:
+            outcome = run_sync(driver.process())
+            if outcome == "READ" and self.stopping:
+                live.kick(force=False)
+            if outcome == "READ" and live.kicked:
+                driver.shutdown()
+                outcome = "CLOSE"
+            out = driver.data_to_send()
+            if out:
+                sock.settimeout(self.config.command_timeout)
+                sock.sendall(out)  # blocks until the kernel took it: back-pressure
+            if outcome == "CLOSE":
+                return
+            if outcome == "STARTTLS":
+                assert self.tls_context is not None
+                sock = self.tls_context.wrap_socket(sock, server_side=True)
+                live.wake = lambda s=sock: _shut_read(s)  # type: ignore[misc]
+                driver.tls_established()
+                continue
+            deadline = driver.deadline
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            sock.settimeout(timeout)
+            live.reading = True
+            try:
+                if live.kicked:
+                    continue
+                data = sock.recv(READ_SIZE)
+            except TimeoutError:
+                if driver.check_timeout():
+                    sock.settimeout(self.config.command_timeout)
+                    sock.sendall(driver.data_to_send())
+                    return
+                continue
+            finally:
+                live.reading = False
+            if live.kicked:
+                continue  # woken by shutdown: the loop sends 421
+            driver.receive(data)
+
+
+def _shut_read(sock: socket.socket) -> None:
+    """Wake a thread blocked in recv(); the write side stays open for the 421.  (On an
+    SSLSocket, SSLSocket.shutdown() would drop the TLS layer, so the base method is used.)"""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RD)
+
+
+def _join(threads: list[threading.Thread], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join(max(end - time.monotonic(), 0.0))
+
+
+def serve(
+    handler: Handler,
+    config: ServerConfig,
+    *,
+    listen: Sequence[tuple[str, int]] = (("127.0.0.1", 2525),),
+    sockets: Sequence[socket.socket] | None = None,
+    tls_context: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    max_connections: int = 1000,
+    grace: float = 30.0,
+) -> None:
+    """Serve SMTP until KeyboardInterrupt (a graceful shutdown); blocks.
+
+    Args:
+        handler: the application's Handler (plain methods).
+        config: the engine configuration (``starttls=True`` needs ``tls_context``).
+        listen: (host, port) pairs to bind, IPv4 or IPv6; ignored when ``sockets`` is given.
+        sockets: already bound, listening sockets to serve on.
+        tls_context: server-side SSLContext for STARTTLS and implicit TLS.
+        implicit_tls: TLS from the first byte (port 465 style).
+        max_connections: concurrent sessions; more are answered 421 4.7.0 and closed.
+        grace: on shutdown, seconds transactions in progress get to finish before 421.
+
+    Raises:
+        ValueError: TLS requested without a tls_context.
+        OSError: an address could not be bound.
+    """
+    server = _Server(
+        handler,
+        config,
+        tls_context=tls_context,
+        implicit_tls=implicit_tls,
+        max_connections=max_connections,
+    )
+    owned = bind(listen) if sockets is None else []
+    try:
+        server.run(sockets if sockets is not None else owned, grace, None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sock in owned:
+            sock.close()
+
+
+class Controller(BaseController):
+    """Runs :func:`serve` in a background thread (plus one thread per connection).
+
+    Args:
+        handler: the application's Handler.
+        config: the engine configuration.
+        listen: addresses to bind (default 127.0.0.1 with a kernel-assigned port).
+        tls_context, implicit_tls, max_connections: see :func:`serve`.
+    """
+
+    _server: _Server | None = None
+
+    def _run(self, sockets: list[socket.socket]) -> None:
+        self._server = _Server(self.handler, self.config, **self.options)
+        self._server.run(sockets, 0.0, self._ready.set)
+
+    def _request_stop(self, grace: float) -> None:
+        if self._server is not None:
+            self._server.request_stop(grace)

@@ -1,0 +1,244 @@
+"""The SMTP server on trio streams: ``serve()`` and ``Controller``.
+
+This module only moves bytes, sleeps until the engine's deadline and does TLS
+(``trio.SSLStream``); every SMTP decision is made by :mod:`mailwire.protocol` and the handler,
+through :mod:`mailwire.adapters._driver`.  Handler methods may be ``async def``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+
+import trio
+
+from mailwire.adapters._driver import (
+    BaseController,
+    Driver,
+    Handler,
+    Live,
+    bind,
+    new_session,
+    refusal,
+    run_async,
+)
+from mailwire.protocol._config import ServerConfig
+
+__all__ = ["Controller", "serve"]
+
+log = logging.getLogger("mailwire.adapters.trio")
+READ_SIZE = 64 * 1024
+_CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and closing after shutdown
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
+
+
+class _Server:
+    def __init__(
+        self,
+        handler: Handler,
+        config: ServerConfig,
+        *,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        max_connections: int,
+    ) -> None:
+        if (config.starttls or implicit_tls) and tls_context is None:
+            raise ValueError("STARTTLS or implicit TLS needs a tls_context")
+        self.handler, self.config = handler, config
+        self.tls_context, self.implicit_tls = tls_context, implicit_tls
+        self.max_connections = max_connections
+        self.live: set[Live] = set()
+        self.stopping = False
+        self.stop_requested = trio.Event()
+        self.grace = 0.0
+        self.token: trio.lowlevel.TrioToken | None = None
+
+    async def run(
+        self, sockets: Sequence[socket.socket], grace: float, ready: Callable[[], None] | None
+    ) -> None:
+        self.grace = grace
+        self.token = trio.lowlevel.current_trio_token()
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        async with trio.open_nursery() as sessions:
+            try:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept, listener, sessions)
+                    log.info("listening on %s", [s.getsockname() for s in sockets])
+                    if ready is not None:
+                        ready()
+                    await self.stop_requested.wait()
+                    acceptors.cancel_scope.cancel()
+            finally:  # cancellation (or a stop request): graceful shutdown
+                with trio.CancelScope(shield=True):
+                    await self._drain_sessions(sessions)
+
+    def request_stop(self, grace: float) -> None:
+        self.grace = grace
+        self.stop_requested.set()
+
+    async def _drain_sessions(self, sessions: trio.Nursery) -> None:
+        self.stopping = True
+        for live in list(self.live):
+            live.kick(force=False)
+        with trio.move_on_after(self.grace):
+            while self.live:
+                await trio.sleep(0.01)
+        for live in list(self.live):
+            live.kick(force=True)
+        with trio.move_on_after(_CLOSE_TIMEOUT):
+            while self.live:
+                await trio.sleep(0.01)
+        sessions.cancel_scope.cancel()
+
+    async def _accept(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                sessions.start_soon(self._connection, stream)
+
+    async def _connection(self, raw: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = raw
+        try:
+            if self.implicit_tls:
+                assert self.tls_context is not None
+                stream = trio.SSLStream(raw, self.tls_context, server_side=True)
+                with trio.fail_after(self.config.command_timeout):
+                    await stream.do_handshake()
+            if len(self.live) >= self.max_connections or self.stopping:
+                log.warning("refusing %s: too many connections", raw.socket.getpeername())
+                await stream.send_all(refusal(self.config))
+                return
+            session = new_session(
+                raw.socket.getpeername(), raw.socket.getsockname(), tls=self.implicit_tls
+            )
+            driver = Driver(self.handler, self.config, session, clock=trio.current_time, logger=log)
+            live = Live(driver=driver, wake=lambda: None)
+            self.live.add(live)
+            log.debug("%s connect from %s", session.id, session.peer)
+            try:
+                await self._session(live, stream)
+            except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
+                log.info("%s connection lost: %r", session.id, exc)
+            finally:
+                self.live.discard(live)
+                with trio.CancelScope(shield=True):
+                    await run_async(driver.finish())
+        except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
+            log.info("connection failed before the session: %r", exc)
+        finally:
+            with trio.move_on_after(_CLOSE_TIMEOUT) as cleanup:
+                cleanup.shield = True
+                try:
+                    await stream.aclose()
+                except _STREAM_ERRORS:
+                    pass
+
+    async def _session(self, live: Live, stream: trio.abc.Stream) -> None:
+        driver = live.driver
+        while True:
+            outcome = await run_async(driver.process())
+            if outcome == "READ" and self.stopping:
+                live.kick(force=False)
+            if outcome == "READ" and live.kicked:
+                driver.shutdown()
+                outcome = "CLOSE"
+            out = driver.data_to_send()
+            if out:
+                await stream.send_all(out)  # back-pressure: returns once the kernel took it
+            if outcome == "CLOSE":
+                return
+            if outcome == "STARTTLS":
+                assert self.tls_context is not None
+                stream = trio.SSLStream(stream, self.tls_context, server_side=True)
+                with trio.fail_after(self.config.command_timeout):
+                    await stream.do_handshake()
+                driver.tls_established()
+                continue
+            deadline = driver.deadline
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as read:
+                live.wake = read.cancel  # a shutdown kick cancels just this read
+                live.reading = True
+                try:
+                    data = await stream.receive_some(READ_SIZE)
+                finally:
+                    live.reading = False
+            if read.cancelled_caught:
+                if not live.kicked and driver.check_timeout():
+                    await stream.send_all(driver.data_to_send())
+                    return
+                continue  # a kick: the loop sends 421
+            driver.receive(data if type(data) is bytes else bytes(data))
+
+
+async def serve(
+    handler: Handler,
+    config: ServerConfig,
+    *,
+    listen: Sequence[tuple[str, int]] = (("127.0.0.1", 2525),),
+    sockets: Sequence[socket.socket] | None = None,
+    tls_context: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    max_connections: int = 1000,
+    grace: float = 30.0,
+) -> None:
+    """Serve SMTP until cancelled; cancellation is a graceful shutdown.
+
+    Args:
+        handler: the application's Handler (methods may be async).
+        config: the engine configuration (``starttls=True`` needs ``tls_context``).
+        listen: (host, port) pairs to bind, IPv4 or IPv6; ignored when ``sockets`` is given.
+        sockets: already bound, listening sockets to serve on.
+        tls_context: server-side SSLContext for STARTTLS and implicit TLS.
+        implicit_tls: TLS from the first byte (port 465 style).
+        max_connections: concurrent sessions; more are answered 421 4.7.0 and closed.
+        grace: on shutdown, seconds transactions in progress get to finish before 421.
+
+    Raises:
+        ValueError: TLS requested without a tls_context.
+        OSError: an address could not be bound.
+    """
+    server = _Server(
+        handler,
+        config,
+        tls_context=tls_context,
+        implicit_tls=implicit_tls,
+        max_connections=max_connections,
+    )
+    owned = bind(listen) if sockets is None else []
+    try:
+        await server.run(sockets if sockets is not None else owned, grace, None)
+    finally:
+        for sock in owned:
+            sock.close()
+
+
+class Controller(BaseController):
+    """Runs :func:`serve` under ``trio.run`` in a background thread.
+
+    Args:
+        handler: the application's Handler.
+        config: the engine configuration.
+        listen: addresses to bind (default 127.0.0.1 with a kernel-assigned port).
+        tls_context, implicit_tls, max_connections: see :func:`serve`.
+    """
+
+    _server: _Server | None = None
+
+    def _run(self, sockets: list[socket.socket]) -> None:
+        async def main() -> None:
+            self._server = _Server(self.handler, self.config, **self.options)
+            await self._server.run(sockets, 0.0, self._ready.set)
+
+        trio.run(main)
+
+    def _request_stop(self, grace: float) -> None:
+        server = self._server
+        if server is not None and server.token is not None:
+            try:
+                trio.from_thread.run_sync(server.request_stop, grace, trio_token=server.token)
+            except trio.RunFinishedError:
+                pass
