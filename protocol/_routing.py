@@ -258,6 +258,14 @@ class NextHop:
         return host if self.port == SMTP_PORT else f"{host}:{self.port}"
 
 
+def _transport_key(key: str) -> str:
+    if key == "*":
+        return key
+    if key.startswith("."):
+        return "." + normalize_domain(key[1:])
+    return normalize_domain(key)
+
+
 def _ip_set(values: Iterable[IPAddress]) -> frozenset[IPAddress]:
     return frozenset(values)
 
@@ -300,10 +308,7 @@ class RoutingConfig:
         try:
             norm = {normalize_domain(d) for d in self.local_domains}
             names = {normalize_domain(n) for n in (self.hostname, *self.local_names)}
-            transport = {
-                (k if k == "*" else ("." if k.startswith(".") else "") + normalize_domain(k)): v
-                for k, v in self.transport.items()
-            }
+            transport = {_transport_key(k): v for k, v in self.transport.items()}
         except ValueError as exc:
             raise LocalProtocolError(str(exc)) from None
         if self.max_mx_hosts < 1 or self.max_targets < 1:
@@ -972,7 +977,6 @@ class DeliveryWalk:
         self._last: Reply = _reply(451, "4.4.0 No route to deliver over")
         self._transient = False
         self._finished = False
-        self._same_again = False
         self.trace: list[str] = []
         if route.kind is not RouteKind.REMOTE:
             assert route.reply is not None
@@ -1003,6 +1007,12 @@ class DeliveryWalk:
         """The recipients without a final result yet (to send in the current session)."""
         return tuple(self._open)
 
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """The recipients accepted (2xx to RCPT) in the current session, awaiting the message
+        reply."""
+        return tuple(r for r, state in self._open.items() if state is _Rcpt.ACCEPTED)
+
     def results(self) -> dict[str, RecipientResult]:
         """The result for each recipient that has one (all of them once finished)."""
         return dict(self._final)
@@ -1013,19 +1023,22 @@ class DeliveryWalk:
         """End the finished session and return the next target, or None when the attempt is
         over (every recipient then has a result).
 
+        Called while a session is still open with recipients that were never offered in it
+        (a per-session recipient limit), it returns the same target again for them.
+
         Raises:
-            LocalProtocolError: a session is still in progress (recipients await replies).
+            LocalProtocolError: accepted recipients still await the message reply.
         """
         if self._finished:
             return None
         if self._in_session:
-            raise LocalProtocolError(f"the session with {self._current} is still in progress")
-        if not self._open:
-            self._finished = True
-            return None
-        if self._same_again:
-            self._same_again = False
-            self._in_session = True
+            if self.accepted:
+                raise LocalProtocolError(
+                    f"the session with {self._current} owes a message reply for "
+                    f"{len(self.accepted)} accepted recipient(s)"
+                )
+            # Recipients still open were never offered in this session (the caller hit a
+            # per-session recipient limit): the same target gets them in a new session.
             self.trace.append(f"reconnect to {self._current} for {len(self._open)} recipient(s)")
             return self._current
         self._index += 1
@@ -1087,7 +1100,6 @@ class DeliveryWalk:
         self._transient = self._transient or transient
         for rcpt in self._open:
             self._open[rcpt] = _Rcpt.OPEN
-        self._same_again = False
         self.trace.append(f"{self._current}: {reply.code} {reply.text}; next target")
         self._end_session()
 
@@ -1149,8 +1161,5 @@ class DeliveryWalk:
         )
         for rcpt in rcpts:
             self._settle(rcpt, status, reply)
-        if not any(s is _Rcpt.ACCEPTED for s in self._open.values()):
-            # Recipients still OPEN here were never offered in this session (the caller hit
-            # a per-session recipient limit): the same target gets them in a new session.
-            self._same_again = bool(self._open)
+        if not self._open:
             self._end_session()
