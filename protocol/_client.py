@@ -844,6 +844,8 @@ class ClientConnection:
             )
 
     def _send_content(self, data: bytes) -> None:
+        if not data and self._state not in _ENDED:
+            return  # nothing to send, whatever the mode
         if self._bdat_remaining:
             if len(data) > self._bdat_remaining:
                 raise LocalProtocolError(

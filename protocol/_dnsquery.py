@@ -42,6 +42,7 @@ from mailwire.protocol._routing import (
     RouteKind,
     RoutingConfig,
     finish_route,
+    parse_ip,
     plan_mx,
 )
 
@@ -197,7 +198,9 @@ class RouteLookup:
         self._plan = plan
         self._phase = _Phase.ADDRESS
         for _, host in plan.hosts:
-            valid = is_valid_domain(host, utf8=False) and not host.startswith("[")
+            if parse_ip(host) is not None:
+                continue  # an address needs no lookup (finish_route uses it as it is)
+            valid = is_valid_domain(host, utf8=False)
             for rdtype in self._config.address_preference.rdtypes:
                 if valid:
                     self._ask(Query(name=host, rdtype=RRType(rdtype)))

@@ -87,6 +87,8 @@ def _check_domain(domain: str, errcode: str) -> None:
         if not _check_literal(domain):
             raise GrammarError(501, errcode, "Syntax error in address literal")
         return
+    if len(domain) <= MAX_LABEL and domain.isascii():
+        return  # the common case: nothing can be too long
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise GrammarError(501, errcode, "Domain name too long")
     for label in domain.split("."):
@@ -113,10 +115,15 @@ def parse_path(text: str, *, utf8: bool, recipient: bool) -> str:
             raise GrammarError(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
         what = "destination" if recipient else "sender"
         raise GrammarError(501, errcode, f"Bad {what} address syntax")
-    if len(text.encode("utf-8")) > MAX_PATH:
-        raise GrammarError(501, errcode, "Path too long")
     local, domain = m.group("local"), m.group("domain")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+    if text.isascii():
+        if len(text) > MAX_PATH:
+            raise GrammarError(501, errcode, "Path too long")
+        if len(local) > MAX_LOCAL_PART:
+            raise GrammarError(501, errcode, "Local part too long")
+    elif len(text.encode("utf-8")) > MAX_PATH:
+        raise GrammarError(501, errcode, "Path too long")
+    elif len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise GrammarError(501, errcode, "Local part too long")
     _check_domain(domain, errcode)
     return f"{local}@{domain}"

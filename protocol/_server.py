@@ -95,6 +95,7 @@ _DEFAULT_ENHANCED: dict[tuple[type[object], int], str] = {
     (AuthCredentials, 2): "2.7.0",
     (AuthCredentials, 5): "5.7.8",
 }
+_WIRE_CACHE: dict[tuple[int, str, bool, type], bytes] = {}
 _MAX_REPLY_TEXT = 512 - 6  # RFC 5321 4.5.3.1.5: reply line incl. code, separator and CRLF
 _LOGIN_USER = "VXNlcm5hbWU6"  # base64("Username:"), the de-facto LOGIN challenges
 _LOGIN_PASS = "UGFzc3dvcmQ6"  # base64("Password:")
@@ -134,6 +135,7 @@ class ServerConnection:
         self._pos = 0  # start of unparsed bytes in _buf
         self._scan = 0  # where the LF search resumes (never rescans a partial line)
         self._eof = False
+        self._closed_reported = False
         self._out: list[bytes] = []
         self._events: deque[ServerEvent] = deque()
         self._owed: Decision | None = None
@@ -251,7 +253,8 @@ class ServerConnection:
 
     def next_event(self) -> ServerEvent | Sentinel:
         """The next event, or NEED_DATA (feed more bytes) or PAUSED (send the owed reply, or
-        finish the TLS handshake and call tls_established()).
+        finish the TLS handshake and call tls_established(); after the session ended, once
+        ConnectionClosed has been returned, PAUSED means there is nothing more).
 
         Raises:
             RemoteProtocolError: the client broke the protocol beyond recovery (too many bad
@@ -263,7 +266,7 @@ class ServerConnection:
         if self._state is S.ERROR:
             raise RemoteProtocolError("the session is in the ERROR state")
         if self._state is S.CLOSED:
-            return ConnectionClosed()
+            return self._closed()
         if self.owes_reply or self._state is S.STARTTLS:
             return PAUSED
         try:
@@ -293,8 +296,16 @@ class ServerConnection:
             if self._state not in _ENDED:
                 self._state = S.CLOSED
             self._body = None
-            return ConnectionClosed()
+            return self._closed()
         return NEED_DATA
+
+    def _closed(self) -> ConnectionClosed | Sentinel:
+        # ConnectionClosed is reported once; after it there is nothing left to wait for, so
+        # PAUSED ends any "until NEED_DATA or PAUSED" loop instead of spinning on it.
+        if self._closed_reported:
+            return PAUSED
+        self._closed_reported = True
+        return ConnectionClosed()
 
     def _parsing(self) -> bool:
         return self._state not in _NOT_PARSING and not self.owes_reply
@@ -430,6 +441,17 @@ class ServerConnection:
         self._owed = None
 
     def _emit(self, reply: Reply, *, enhanced: bool, owed: object = None) -> None:
+        # Applications answer with a handful of constant replies; cache their wire form.
+        key = (reply.code, reply.text, enhanced and self.config.enhanced_status_codes, type(owed))
+        wire = _WIRE_CACHE.get(key)
+        if wire is None:
+            wire = self._format(reply, enhanced=enhanced, owed=owed)
+            if len(_WIRE_CACHE) >= 512:
+                _WIRE_CACHE.clear()
+            _WIRE_CACHE[key] = wire
+        self._out.append(wire)
+
+    def _format(self, reply: Reply, *, enhanced: bool, owed: object) -> bytes:
         lines = reply.lines
         if enhanced and self.config.enhanced_status_codes and reply.enhanced is None:
             cls = reply.code // 100
@@ -438,7 +460,7 @@ class ServerConnection:
         for line in lines:
             if len(line.encode()) > _MAX_REPLY_TEXT:
                 raise LocalProtocolError(f"reply line longer than 512 octets: {line[:40]!r}...")
-        self._out.append(format_reply(reply.code, lines))
+        return format_reply(reply.code, lines)
 
     def _ehlo_reply(self, reply: Reply) -> Reply:
         c = self.config
