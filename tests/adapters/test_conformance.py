@@ -1,0 +1,578 @@
+"""One set of SMTP dialogues over real loopback sockets, run against every runtime adapter
+(asyncio, trio, threads) with real clients: smtplib, aiosmtplib, swaks and raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Sequence
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trio
+from conftest import CLIENT_TIMEOUT, Inbox, Serve
+
+from mailwire.adapters._driver import Handler, Session
+from mailwire.protocol import AuthCredentials, RcptTo, Reply, ServerConfig
+
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+class Raw:
+    """A raw-socket SMTP client reading replies line by line."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock: socket.socket = socket.create_connection(address, timeout=CLIENT_TIMEOUT)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed; unread {self.buf!r}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> tuple[int, str]:
+        """The next reply: (code, text with lines joined by newlines)."""
+        lines = []
+        while True:
+            line = self._line()
+            lines.append(line[4:].decode())
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def expect(self, code: int) -> str:
+        got, text = self.reply()
+        assert got == code, text
+        return text
+
+    def closed(self) -> bool:
+        """True if the server closed the connection with nothing more to read."""
+        return not self.buf and self.sock.recv(1) == b""
+
+    def starttls(self, ctx: ssl.SSLContext) -> None:
+        assert self.buf == b""
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def smtp(address: tuple[str, int]) -> smtplib.SMTP:
+    return smtplib.SMTP(address[0], address[1], timeout=CLIENT_TIMEOUT)
+
+
+# --- plain SMTP ------------------------------------------------------------------------------
+
+
+def test_smtplib_delivers_message_with_envelope(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    with smtp(server.addresses[0]) as client:
+        refused = client.sendmail("a@example.org", ["b@example.net", "c@example.net"], MESSAGE)
+    assert refused == {}
+    [(data, envelope)] = inbox.messages
+    assert data == MESSAGE  # dot-unstuffed exactly
+    assert envelope.sender is not None and envelope.sender.address == "a@example.org"
+    assert [r.address for r in envelope.recipients] == ["b@example.net", "c@example.net"]
+
+
+def test_ehlo_advertises_configured_extensions(serve: Serve) -> None:
+    server = serve(config=ServerConfig(hostname="mx.test", max_message_size=12345))
+    with smtp(server.addresses[0]) as client:
+        code, _ = client.ehlo("client.test")
+        assert code == 250
+        assert client.has_extn("pipelining") and client.esmtp_features["size"] == "12345"
+        assert not client.has_extn("starttls")
+
+
+def test_pipelined_commands_are_answered_in_order(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(
+        b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+        b"RCPT TO:<bad address>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"
+    )
+    raw.expect(250)
+    assert raw.expect(250).startswith("2.1.0")
+    assert raw.expect(250).startswith("2.1.5")
+    assert raw.reply()[0] == 501
+    raw.expect(250)
+    raw.expect(354)
+    raw.send(b"Subject: x\r\n\r\n..dot\r\n.\r\nNOOP\r\nQUIT\r\n")
+    raw.expect(250)
+    raw.expect(250)
+    raw.expect(221)
+    assert raw.closed()
+    raw.close()
+    [(data, envelope)] = inbox.messages
+    assert data == b"Subject: x\r\n\r\n.dot\r\n"
+    assert len(envelope.recipients) == 2
+
+
+def test_smtplib_sendmail_pipelined_many_messages_on_one_connection(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    with smtp(server.addresses[0]) as client:
+        for i in range(20):
+            client.sendmail("a@example.org", [f"r{i}@example.net"], MESSAGE)
+    assert len(inbox.messages) == 20
+    assert [env.recipients[0].address for _, env in inbox.messages][-1] == "r19@example.net"
+
+
+def test_bdat_chunking_delivers_message(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    for code in (250, 250, 250):
+        raw.expect(code)
+    raw.send(b"BDAT 5\r\nhelloBDAT 7 LAST\r\n world\n")
+    raw.expect(250)
+    raw.expect(250)
+    raw.close()
+    assert inbox.messages[0][0] == b"hello world\n"
+
+
+def test_aiosmtplib_send_message(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    message = EmailMessage()
+    message["From"] = "a@example.org"
+    message["To"] = "b@example.net"
+    message["Subject"] = "aiosmtplib"
+    message.set_content("hello\n.\nworld\n")
+    host, port = server.addresses[0]
+    errors, _ = asyncio.run(
+        aiosmtplib.send(message, hostname=host, port=port, timeout=CLIENT_TIMEOUT)
+    )
+    assert errors == {}
+    [(data, _)] = inbox.messages
+    assert b"Subject: aiosmtplib" in data and b"\r\n.\r\nworld\r\n" in data
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_sends_message_with_pipelining(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    host, port = server.addresses[0]
+    result = subprocess.run(
+        ["swaks", "--server", host, "--port", str(port), "--from", "a@example.org",
+         "--to", "b@example.net,c@example.net", "--pipeline", "--body", "via swaks"],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    [(data, envelope)] = inbox.messages
+    assert b"via swaks" in data and len(envelope.recipients) == 2
+
+
+def _swaks_has_tls() -> bool:
+    if shutil.which("swaks") is None:
+        return False
+    out = subprocess.run(["swaks", "--support"], capture_output=True, text=True, check=False)
+    return "=== TLS supported" in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not _swaks_has_tls(), reason="swaks without TLS (needs Net::SSLeay)")
+def test_swaks_starttls(serve: Serve, server_tls: ssl.SSLContext) -> None:
+    inbox = Inbox()
+    config = ServerConfig(hostname="mx.test", starttls=True)
+    server = serve(inbox, config, tls_context=server_tls)
+    host, port = server.addresses[0]
+    result = subprocess.run(
+        ["swaks", "--server", host, "--port", str(port), "--from", "a@example.org",
+         "--to", "b@example.net", "--tls", "--body", "over tls"],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"over tls" in inbox.messages[0][0]
+
+
+def test_ipv4_and_ipv6_listen_addresses(serve: Serve) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    inbox = Inbox()
+    server = serve(inbox, listen=[("127.0.0.1", 0), ("::1", 0)])
+    assert [a[0] for a in server.addresses] == ["127.0.0.1", "::1"]
+    for address in server.addresses:
+        with smtp(address) as client:
+            client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    assert len(inbox.messages) == 2
+
+
+# --- security: smuggling and STARTTLS injection ----------------------------------------------
+
+
+def test_smuggled_end_of_data_with_bare_lf_is_rejected_not_executed(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    for code in (250, 250, 250, 354):
+        raw.expect(code)
+    raw.send(
+        b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@example.com>\nRCPT TO:<victim@example.net>\n"
+        b"DATA\nsmuggled\r\n.\r\n"
+    )
+    assert raw.reply()[0] == 550
+    raw.send(b"QUIT\r\n")
+    raw.expect(221)
+    raw.close()
+    assert inbox.messages == []
+    assert inbox.aborted == 1
+
+
+def test_commands_pipelined_after_starttls_are_never_executed(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    inbox = Inbox()
+    config = ServerConfig(hostname="mx.test", starttls=True)
+    server = serve(inbox, config, tls_context=server_tls)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\n")
+    raw.expect(250)
+    raw.send(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.net>\r\n")
+    raw.expect(220)
+    raw.starttls(client_tls)
+    raw.send(b"EHLO c.test\r\n")
+    assert "STARTTLS" not in raw.expect(250)  # the first reply after the handshake
+    raw.send(b"RCPT TO:<b@example.net>\r\n")
+    assert raw.reply()[0] == 503  # no MAIL was executed: the injected one was dropped
+    raw.send(b"QUIT\r\n")
+    raw.expect(221)
+    raw.close()
+
+
+# --- TLS and AUTH ----------------------------------------------------------------------------
+
+
+class Tracker(Inbox):
+    """Records the sessions' TLS and AUTH state when each message arrives."""
+
+    def __init__(self, password: str = "secret") -> None:
+        super().__init__()
+        self.password = password
+        self.seen: list[tuple[bool, str | None]] = []
+
+    def on_auth(self, session: Session, event: AuthCredentials) -> Reply | None:
+        if event.username == "user" and event.password == self.password:
+            return Reply(code=235, text="Authentication succeeded")
+        return None
+
+    def on_message_end(self, session: Session) -> Any:
+        self.seen.append((session.tls, session.authenticated_as))
+        return super().on_message_end(session)
+
+
+def test_starttls_with_verified_certificate(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    handler = Tracker()
+    config = ServerConfig(hostname="mx.test", starttls=True, tls_required=True)
+    server = serve(handler, config, tls_context=server_tls)
+    with smtp(server.addresses[0]) as client:
+        client.ehlo()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        assert refused.value.smtp_code == 530
+        client.starttls(context=client_tls)
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    assert handler.seen == [(True, None)]
+
+
+def test_implicit_tls_with_smtp_ssl(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    handler = Tracker()
+    server = serve(handler, tls_context=server_tls, implicit_tls=True)
+    host, port = server.addresses[0]
+    with smtplib.SMTP_SSL(
+        "localhost", port, context=client_tls, timeout=CLIENT_TIMEOUT, source_address=(host, 0)
+    ) as client:
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    assert handler.seen == [(True, None)]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_submission_requires_auth_over_tls(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext, mechanism: str
+) -> None:
+    handler = Tracker()
+    config = ServerConfig(
+        hostname="mx.test",
+        starttls=True,
+        auth_mechanisms=("PLAIN", "LOGIN"),
+        auth_required=True,
+    )
+    server = serve(handler, config, tls_context=server_tls)
+    with smtp(server.addresses[0]) as client:
+        client.ehlo()
+        assert not client.has_extn("auth")  # RFC 4954 4: not offered in clear text
+        client.starttls(context=client_tls)
+        client.ehlo()
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        assert refused.value.smtp_code == 530
+        client.user, client.password = "user", "wrong"
+        authobject = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+        with pytest.raises(smtplib.SMTPAuthenticationError) as denied:
+            client.auth(mechanism, authobject)
+        assert denied.value.smtp_code == 535
+        client.user, client.password = "user", "secret"
+        code, _ = client.auth(mechanism, authobject)
+        assert code == 235
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    assert handler.seen == [(True, "user")]
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_get_421(serve: Serve) -> None:
+    server = serve(max_connections=1)
+    first = Raw(server.addresses[0])
+    first.expect(220)
+    second = Raw(server.addresses[0])
+    text = second.expect(421)
+    assert text.startswith("4.7.0")
+    assert second.closed()
+    second.close()
+    first.send(b"QUIT\r\n")
+    first.expect(221)
+    first.close()
+
+
+def test_idle_client_gets_421_after_command_timeout(serve: Serve) -> None:
+    server = serve(config=ServerConfig(hostname="mx.test", command_timeout=0.2))
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\n")
+    raw.expect(250)
+    assert raw.expect(421).startswith("4.4.2")
+    assert raw.closed()
+    raw.close()
+
+
+def test_stalled_data_gets_421_after_data_timeout(serve: Serve) -> None:
+    inbox = Inbox()
+    config = ServerConfig(hostname="mx.test", command_timeout=30, data_timeout=0.2)
+    server = serve(inbox, config)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"HELO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    for code in (250, 250, 250, 354):
+        raw.expect(code)
+    raw.send(b"Subject: partial\r\n")
+    assert raw.expect(421).startswith("4.4.2")
+    assert raw.closed()
+    raw.close()
+    assert inbox.messages == []
+
+
+def test_message_over_size_limit_gets_552(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox, ServerConfig(hostname="mx.test", max_message_size=1000))
+    with smtp(server.addresses[0]) as client:
+        client.ehlo()
+        client.mail("a@example.org")  # no SIZE= declared: caught at the end of the data
+        client.rcpt("b@example.net")
+        code, _ = client.data(b"x" * 900 + b"\r\n" + b"y" * 900 + b"\r\n")
+        assert code == 552
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:  # declared SIZE=
+            client.sendmail("a@example.org", ["b@example.net"], b"z" * 2000)
+        assert refused.value.smtp_code == 552
+        client.sendmail("a@example.org", ["b@example.net"], b"small\r\n")
+    assert [m[0] for m in inbox.messages] == [b"small\r\n"]
+
+
+def test_recipients_beyond_limit_get_452(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox, ServerConfig(hostname="mx.test", max_recipients=100))
+    with smtp(server.addresses[0]) as client:
+        client.ehlo()
+        client.mail("a@example.org")
+        codes = [client.rcpt(f"r{i}@example.net")[0] for i in range(101)]
+        assert codes == [250] * 100 + [452]
+        assert client.data(MESSAGE)[0] == 250
+    assert len(inbox.messages[0][1].recipients) == 100
+
+
+# --- LMTP and handlers -----------------------------------------------------------------------
+
+
+class PerRecipient(Inbox):
+    def on_message_end(self, session: Session) -> Any:
+        super().on_message_end(session)
+        return [
+            Reply(code=550, text="5.1.1 Mailbox full")
+            if r.address.startswith("full")
+            else Reply(code=250, text=f"2.0.0 delivered to {r.address}")
+            for r in session.envelope.recipients
+        ]
+
+
+def test_lmtp_gives_one_reply_per_recipient(serve: Serve) -> None:
+    inbox = PerRecipient()
+    server = serve(inbox, ServerConfig(hostname="mx.test", lmtp=True))
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\n")
+    assert raw.reply()[0] == 500  # LMTP speaks LHLO only
+    raw.send(b"LHLO c.test\r\nMAIL FROM:<a@example.org>\r\n")
+    raw.send(b"RCPT TO:<one@example.net>\r\nRCPT TO:<full@example.net>\r\nDATA\r\n")
+    for code in (250, 250, 250, 250, 354):
+        raw.expect(code)
+    raw.send(b"Subject: lmtp\r\n\r\nbody\r\n.\r\n")
+    assert raw.expect(250) == "2.0.0 delivered to one@example.net"
+    assert raw.expect(550) == "5.1.1 Mailbox full"
+    raw.send(b"QUIT\r\n")
+    raw.expect(221)
+    raw.close()
+
+
+def _pause(runtime: str) -> Any:
+    """An awaitable that really yields to the runtime's scheduler."""
+    return asyncio.sleep(0) if runtime == "asyncio" else trio.sleep(0)
+
+
+class Policy(Handler):
+    """Rejects recipients at example.com; sync or async methods."""
+
+    def __init__(self, runtime: str, use_async: bool) -> None:
+        self.runtime, self.use_async = runtime, use_async
+        self.data: list[bytes] = []
+
+    def _decide(self, event: RcptTo) -> Reply | None:
+        if event.address.endswith("@example.com"):
+            return Reply(code=550, text="5.7.1 Relaying denied")
+        return None
+
+    def on_rcpt_to(self, session: Session, event: RcptTo) -> Any:
+        if not self.use_async:
+            return self._decide(event)
+
+        async def decide() -> Reply | None:
+            await _pause(self.runtime)
+            return self._decide(event)
+
+        return decide()
+
+    def on_message_data(self, session: Session, data: bytes) -> Any:
+        if not self.use_async:
+            self.data.append(data)
+            return None
+
+        async def store() -> None:
+            await _pause(self.runtime)
+            self.data.append(data)
+
+        return store()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_handler_methods_sync_and_async(serve: Serve, runtime: str, use_async: bool) -> None:
+    if use_async and runtime == "threads":
+        pytest.skip("handlers are plain functions on threads")
+    handler = Policy(runtime, use_async)
+    server = serve(handler)
+    with smtp(server.addresses[0]) as client:
+        refused = client.sendmail("a@example.org", ["b@example.net", "c@example.com"], MESSAGE)
+    assert refused == {"c@example.com": (550, b"5.7.1 Relaying denied")}
+    assert b"".join(handler.data) == MESSAGE
+
+
+class Broken(Inbox):
+    def on_message_end(self, session: Session) -> Any:
+        raise RuntimeError("disk on fire")
+
+
+def test_handler_exception_answers_451_and_session_continues(serve: Serve) -> None:
+    server = serve(Broken())
+    with smtp(server.addresses[0]) as client:
+        with pytest.raises(smtplib.SMTPDataError) as failed:
+            client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        assert failed.value.smtp_code == 451
+        assert client.noop()[0] == 250
+
+
+# --- graceful shutdown -----------------------------------------------------------------------
+
+
+def _stop_in_background(server: Any, grace: float) -> threading.Thread:
+    thread = threading.Thread(target=server.stop, kwargs={"grace": grace})
+    thread.start()
+    return thread
+
+
+def _start_transaction(raw: Raw) -> None:
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    for code in (250, 250, 250):
+        raw.expect(code)
+
+
+def test_shutdown_lets_transaction_finish_and_closes_idle_sessions(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    busy, idle = Raw(server.addresses[0]), Raw(server.addresses[0])
+    _start_transaction(busy)
+    idle.expect(220)
+    idle.send(b"EHLO c.test\r\n")
+    idle.expect(250)
+    stopper = _stop_in_background(server, grace=30)
+    assert idle.expect(421).startswith("4.3.2")  # idle: closed at once
+    assert idle.closed()
+    busy.send(b"DATA\r\n")
+    busy.expect(354)
+    busy.send(MESSAGE + b".\r\n")
+    busy.expect(250)  # the transaction in progress completes...
+    assert busy.expect(421).startswith("4.3.2")  # ...then the session is closed
+    assert busy.closed()
+    stopper.join(CLIENT_TIMEOUT)
+    assert not stopper.is_alive()
+    assert len(inbox.messages) == 1
+    with pytest.raises(OSError):
+        Raw(server.addresses[0]).expect(220)  # no longer accepting
+    busy.close()
+    idle.close()
+
+
+def test_shutdown_closes_transactions_that_outlast_the_grace_period(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    raw = Raw(server.addresses[0])
+    _start_transaction(raw)
+    stopper = _stop_in_background(server, grace=0.2)
+    assert raw.expect(421).startswith("4.3.2")
+    assert raw.closed()
+    stopper.join(CLIENT_TIMEOUT)
+    assert not stopper.is_alive()
+    assert inbox.messages == []
+    raw.close()
+
+
+def _replies(raw: Raw, codes: Sequence[int]) -> None:
+    for code in codes:
+        raw.expect(code)
