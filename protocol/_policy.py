@@ -423,7 +423,8 @@ class RateLimiter:
             if math.isinf(wait):
                 text += "; the request exceeds the limit itself"
             else:
-                text += f"; try again in {max(1, int(wait))} seconds"
+                seconds = max(1, int(wait))
+                text += f"; try again in {seconds} second{'s' if seconds != 1 else ''}"
             return RateDecision(
                 allowed=False,
                 retry_after=wait,
