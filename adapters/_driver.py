@@ -630,6 +630,11 @@ class BaseController:
     def _request_stop(self, grace: float) -> None:
         raise NotImplementedError
 
+    @property
+    def running(self) -> bool:
+        """True while the server thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, grace: float = 0.0) -> None:
         """Stop accepting, let transactions finish within ``grace`` seconds, then 421 and close
         the rest; returns when the server thread has ended."""
