@@ -624,6 +624,8 @@ class ClientConnection:
             new = S.READY  # the final reply to the content, whatever its class
         elif isinstance(command, Data) and code // 100 == 3:
             new = S.DATA  # the server waits for content, whatever we thought of it
+        elif isinstance(command, Bdat) and state is S.MAIL and code >= 300:
+            new = state  # no recipient yet: refused like DATA, the sender stays (4.1.1.4)
         elif isinstance(command, Bdat) or is_legal(state, type(command)):
             new = next_state(state, command, code)
         else:

@@ -438,7 +438,7 @@ class MailTransaction:
                 conn.send(Data(), now=self._now)  # step by step: DATA after the RCPTs
         elif self._phase == "body" and self._bdat and self._data_reply is not None:
             if not conn.pending:
-                self._finish(None)  # a BDAT chunk failed: the server ended the transaction
+                self._reset()  # a BDAT chunk failed (RFC 3030 2): make sure it is over
         elif self._phase == "final" and not conn.pending:
             if self._bdat and self._data_reply is not None and conn.state is not S.READY:
                 self._reset()
