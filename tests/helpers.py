@@ -26,6 +26,7 @@ from mailwire.protocol._events import (
     Lhlo,
     MessageData,
     Reply,
+    Sentinel,
     ServerEvent,
     Vrfy,
 )
@@ -145,7 +146,7 @@ class ConnectionPair:
                     return
                 server.send(reply)
                 continue
-            assert not isinstance(event, type(NEED_DATA))
+            assert not isinstance(event, Sentinel)
             self.server_events.append(event)
             if server.state in (SessionState.CLOSED, SessionState.ERROR):
                 return
@@ -155,7 +156,7 @@ class ConnectionPair:
             event = self.client.next_event()
             if event is NEED_DATA or event is PAUSED:
                 return
-            assert not isinstance(event, type(NEED_DATA))
+            assert not isinstance(event, Sentinel)
             self.client_events.append(event)
             if self.client.state in (SessionState.CLOSED, SessionState.ERROR):
                 return
