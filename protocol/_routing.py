@@ -784,14 +784,20 @@ def finish_route(
     self_prefs = [
         (pref or 0)
         for pref, host, addrs in resolved
-        if any(a in config.local_addresses for a in addrs)
+        if config.is_self(host) or any(a in config.local_addresses for a in addrs)
     ]
     if self_prefs:
         cutoff = min(self_prefs)
         for pref, host, addrs in resolved:
             if (pref or 0) >= cutoff:
                 mine = [str(a) for a in addrs if a in config.local_addresses]
-                why = f"resolves to this server ({', '.join(mine)})" if mine else "not better"
+                why = (
+                    f"resolves to this server ({', '.join(mine)})"
+                    if mine
+                    else "is this server"
+                    if config.is_self(host)
+                    else "not better"
+                )
                 trace.append(f"skip {host}: {why}")
         resolved = [r for r in resolved if (r[0] or 0) < cutoff]
         if not resolved:

@@ -193,10 +193,13 @@ def test_the_strictest_limit_decides_the_retry_time() -> None:
 
 
 def test_a_clock_stepping_back_refills_nothing() -> None:
-    rl = limiter(per_client=Limit(messages=Rate(count=1, interval=10)))
+    rl = limiter(per_client=Limit(messages=Rate(count=2, interval=10)))
     assert rl.admit_message(100.0, client_address="192.0.2.1").allowed
+    assert rl.admit_message(50.0, client_address="192.0.2.1").allowed  # no refill, 1 token left
     assert not rl.admit_message(50.0, client_address="192.0.2.1").allowed
-    assert not rl.admit_message(105.0, client_address="192.0.2.1").allowed
+    # the bucket was last charged at 100 (not 50): by 101 only 0.2 tokens have come back
+    assert not rl.admit_message(101.0, client_address="192.0.2.1").allowed
+    assert rl.admit_message(105.0, client_address="192.0.2.1").allowed
 
 
 def test_memory_is_bounded_and_idle_buckets_are_dropped() -> None:

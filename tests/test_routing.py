@@ -123,6 +123,45 @@ def test_smarthost_route_looks_up_only_the_relay_addresses() -> None:
     )
 
 
+def test_smarthost_that_is_this_server_is_a_loop_error() -> None:
+    config = RoutingConfig(hostname="mx.us.test", transport={"*": NextHop.parse("[MX.us.test]")})
+    (dest,) = group_recipients(["a@example.com"], config)
+    answers = {("mx.us.test", "A"): OK("192.0.2.1")}
+    r = route_from_answers(dest, answers, config=config, seed=0)
+    assert r.kind is RouteKind.FAILED and r.reply is not None and r.reply.enhanced == "5.4.6"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rcpts=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "Postmaster", "c.d"]),
+            st.sampled_from(
+                ["us.test", "US.test", "x.test", "[192.0.2.99]", "[192.0.2.1]", "y.test"]
+            ),
+        ).map(lambda p: p[0] if p[0] == "Postmaster" else f"{p[0]}@{p[1]}"),
+        max_size=20,
+    ),
+    wildcard=st.booleans(),
+)
+def test_grouping_loses_and_duplicates_no_recipient(rcpts: list[str], wildcard: bool) -> None:
+    transport = {"*": NextHop.parse("[relay.test]")} if wildcard else {}
+    config = RoutingConfig(
+        hostname="mx.us.test",
+        local_domains=frozenset({"us.test"}),
+        local_addresses=frozenset({ip_address("192.0.2.99")}),
+        transport=transport,
+    )
+    dests = group_recipients(rcpts, config)
+    flat = [r for d in dests for r in d.recipients]
+    assert sorted(flat) == sorted(set(rcpts))
+    for d in dests:
+        if d.local:
+            assert d.nexthop is None
+        elif wildcard:
+            assert d.nexthop == NextHop(host="relay.test")
+
+
 def test_address_literal_of_ours_is_local_and_others_connect_directly() -> None:
     dests = group_recipients(["a@[192.0.2.99]", "b@[IPv6:2001:db8::5]"], CONFIG)
     assert dests[0].local
