@@ -31,6 +31,7 @@ __all__ = ["Controller", "serve"]
 log = logging.getLogger("mailwire.adapters.asyncio")
 READ_SIZE = 64 * 1024
 _CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and closing after shutdown
+_CLOSE_WAIT = 1.0  # how long a closing TLS transport waits for the peer's close_notify
 
 
 class _Server:
@@ -121,9 +122,13 @@ class _Server:
                 await run_async(driver.finish())
         finally:
             writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
+            try:
+                async with asyncio.timeout(_CLOSE_WAIT):
                     await writer.wait_closed()
+            except TimeoutError:
+                writer.transport.abort()  # a TLS peer that never answers close_notify
+            except Exception:  # the connection is gone either way
+                pass
 
     async def _session(
         self, live: Live, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

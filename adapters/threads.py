@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import select
 import selectors
 import socket
 import ssl
@@ -56,7 +58,11 @@ class _Server:
         self.threads: set[threading.Thread] = set()
         self.stopping = False
         self.grace = 0.0
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()  # wakes the accept loop
+        # Sessions poll their socket plus the pipe of the current shutdown phase (0: running,
+        # 1: shutdown began, 2: grace is over); kick flags are set before a pipe is written.
+        self._phase_pipes = (socket.socketpair(), socket.socketpair())
+        self._phase = 0
 
     def run(
         self, sockets: Sequence[socket.socket], grace: float, ready: Callable[[], None] | None
@@ -80,8 +86,8 @@ class _Server:
                     sel.unregister(sock)
                     sock.close()
                 self._drain_sessions()
-                self._wakeup_r.close()
-                self._wakeup_w.close()
+                for sock in (self._wakeup_r, self._wakeup_w, *sum(self._phase_pipes, ())):
+                    sock.close()
 
     def request_stop(self, grace: float) -> None:
         self.grace = grace
@@ -91,16 +97,18 @@ class _Server:
 
     def _drain_sessions(self) -> None:
         self.stopping = True
-        with self.lock:
-            lives = list(self.live)
-        for live in lives:
-            live.kick(force=False)
+        self._broadcast(force=False)
         _join(self._threads(), self.grace)
+        self._broadcast(force=True)
+        _join(self._threads(), _CLOSE_TIMEOUT)
+
+    def _broadcast(self, *, force: bool) -> None:
         with self.lock:
             lives = list(self.live)
         for live in lives:
-            live.kick(force=True)
-        _join(self._threads(), _CLOSE_TIMEOUT)
+            live.kick(force=force)
+        self._phase_pipes[force][1].send(b"x")
+        self._phase = 2 if force else 1
 
     def _threads(self) -> list[threading.Thread]:
         with self.lock:
@@ -110,6 +118,10 @@ class _Server:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE and friends: log, back off briefly, keep serving
+            log.error("accept failed: %s", exc)
+            time.sleep(0.1)
             return
         sock.setblocking(True)
         thread = threading.Thread(target=self._connection, args=(sock,), daemon=True)
@@ -131,12 +143,12 @@ class _Server:
                 return
             session = new_session(sock.getpeername(), sock.getsockname(), tls=self.implicit_tls)
             driver = Driver(self.handler, self.config, session, clock=time.monotonic, logger=log)
-            live = Live(driver=driver, wake=lambda: _shut_read(sock))
+            live = Live(driver=driver, wake=lambda: None)  # woken by the phase pipes
             with self.lock:
                 self.live[live] = threading.current_thread()
             log.debug("%s connect from %s", session.id, session.peer)
             try:
-                self._session(live, sock)
+                sock = self._session(live, sock)
             except (OSError, ssl.SSLError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
             finally:
@@ -150,7 +162,8 @@ class _Server:
             with self.lock:
                 self.threads.discard(threading.current_thread())
 
-    def _session(self, live: Live, sock: socket.socket) -> None:
+    def _session(self, live: Live, sock: socket.socket) -> socket.socket:
+        """Run the session; returns the socket (TLS-wrapped after STARTTLS) to close."""
         driver = live.driver
         while True:
             outcome = run_sync(driver.process())
@@ -164,39 +177,48 @@ class _Server:
                 sock.settimeout(self.config.command_timeout)
                 sock.sendall(out)  # blocks until the kernel took it: back-pressure
             if outcome == "CLOSE":
-                return
+                return sock
             if outcome == "STARTTLS":
                 assert self.tls_context is not None
+                sock.settimeout(self.config.command_timeout)
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
-                live.wake = lambda s=sock: _shut_read(s)  # type: ignore[misc]
                 driver.tls_established()
                 continue
-            deadline = driver.deadline
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            sock.settimeout(timeout)
-            live.reading = True
             try:
-                if live.kicked:
-                    continue
-                data = sock.recv(READ_SIZE)
+                data = self._read(live, sock)
             except TimeoutError:
                 if driver.check_timeout():
                     sock.settimeout(self.config.command_timeout)
                     sock.sendall(driver.data_to_send())
-                    return
+                    return sock
                 continue
-            finally:
-                live.reading = False
-            if live.kicked:
-                continue  # woken by shutdown: the loop sends 421
-            driver.receive(data)
+            if data is not None:
+                driver.receive(data)
+            # None: kicked by shutdown, the loop sends 421
 
+    def _read(self, live: Live, sock: socket.socket) -> bytes | None:
+        """Up to READ_SIZE bytes, or None when shutdown kicked this session.
 
-def _shut_read(sock: socket.socket) -> None:
-    """Wake a thread blocked in recv(); the write side stays open for the 421.  (On an
-    SSLSocket, SSLSocket.shutdown() would drop the TLS layer, so the base method is used.)"""
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RD)
+        Raises:
+            TimeoutError: the engine's deadline passed.
+        """
+        while not live.kicked:
+            deadline = live.driver.deadline
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                break  # decrypted bytes are buffered: poll() would not see them
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.register(self._phase_pipes[min(self._phase, 1)][0], select.POLLIN)
+            ready = poller.poll(None if remaining is None else math.ceil(remaining * 1000))
+            if not ready:
+                raise TimeoutError
+            if any(fd == sock.fileno() for fd, _ in ready):
+                break
+        else:
+            return None
+        sock.settimeout(self.config.command_timeout if remaining is None else remaining + 0.001)
+        return sock.recv(READ_SIZE)
 
 
 def _join(threads: list[threading.Thread], timeout: float) -> None:

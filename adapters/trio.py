@@ -55,6 +55,7 @@ class _Server:
         self.stop_requested = trio.Event()
         self.grace = 0.0
         self.token: trio.lowlevel.TrioToken | None = None
+        self.closed = trio.Event()  # set whenever a session ends
 
     async def run(
         self, sockets: Sequence[socket.socket], grace: float, ready: Callable[[], None] | None
@@ -85,14 +86,17 @@ class _Server:
         for live in list(self.live):
             live.kick(force=False)
         with trio.move_on_after(self.grace):
-            while self.live:
-                await trio.sleep(0.01)
+            await self._all_closed()
         for live in list(self.live):
             live.kick(force=True)
         with trio.move_on_after(_CLOSE_TIMEOUT):
-            while self.live:
-                await trio.sleep(0.01)
+            await self._all_closed()
         sessions.cancel_scope.cancel()
+
+    async def _all_closed(self) -> None:
+        while self.live:
+            self.closed = trio.Event()
+            await self.closed.wait()
 
     async def _accept(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
         async with listener:
@@ -125,6 +129,7 @@ class _Server:
                 log.info("%s connection lost: %r", session.id, exc)
             finally:
                 self.live.discard(live)
+                self.closed.set()
                 with trio.CancelScope(shield=True):
                     await run_async(driver.finish())
         except (*_STREAM_ERRORS, trio.TooSlowError) as exc:

@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Sequence
 from email.message import EmailMessage
 from typing import Any
 
@@ -573,6 +572,21 @@ def test_shutdown_closes_transactions_that_outlast_the_grace_period(serve: Serve
     raw.close()
 
 
-def _replies(raw: Raw, codes: Sequence[int]) -> None:
-    for code in codes:
-        raw.expect(code)
+def test_shutdown_sends_421_inside_tls_session(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    config = ServerConfig(hostname="mx.test", starttls=True)
+    server = serve(Inbox(), config, tls_context=server_tls)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+    raw.expect(250)
+    raw.expect(220)
+    raw.starttls(client_tls)
+    raw.send(b"EHLO c.test\r\n")
+    raw.expect(250)
+    stopper = _stop_in_background(server, grace=30)
+    assert raw.expect(421).startswith("4.3.2")  # read through TLS: the layer stayed intact
+    stopper.join(CLIENT_TIMEOUT)
+    assert not stopper.is_alive()
+    raw.close()
