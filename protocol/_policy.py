@@ -1,11 +1,12 @@
 # Server-side policy: who may relay, and how much a sender may send.
 #
 # Relay policy.  An MTA that accepts mail for any destination from anyone is an open relay, the
-# spammers' favourite tool; RFC 5321 3.6.2 says such relaying "SHOULD" be restricted and RFC
-# 5321 7.1 / RFC 2505 describe the standard answer: accept a recipient if its domain is ours
-# (or one we relay for, e.g. as backup MX), or if the *client* is trusted (its address is in a
-# configured network) or authenticated (RFC 4954 / RFC 6409 submission).  Everything else is
-# refused.  The default RelayPolicy trusts no network and no one: no open relay by default.
+# spammers' favourite tool.  RFC 5321 leaves relaying to local policy (3.6), and BCP 30 (RFC
+# 2505, anti-spam recommendations for MTAs) asks for unauthorised relaying to be refused.  The
+# standard answer: accept a recipient if its domain is ours (or one we relay for, e.g. as
+# backup MX), or if the *client* is trusted (its address is in a configured network) or
+# authenticated (RFC 4954 / RFC 6409 submission).  Everything else is refused.  The default
+# RelayPolicy trusts no network and no one: no open relay by default.
 #
 # The refusal is 554 5.7.1 "Relay access denied" by default: 5.7.1 is RFC 3463's "Delivery not
 # authorized, message refused", and 554 is what Postfix (the most deployed MTA) answers, so it

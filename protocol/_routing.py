@@ -23,7 +23,7 @@
 # RFC rules implemented here (sections quoted where the code enforces them):
 #   RFC 5321 5.1   MX ordering by preference, randomised ties, implicit MX, self-MX pruning,
 #                  trying every address of every host in order.
-#   RFC 7505 3/4   null MX ("MX 0 .") means the domain accepts no mail: 556 5.1.10 without
+#   RFC 7505       null MX ("MX 0 .") means the domain accepts no mail: 556 5.1.10 without
 #                  any connection.
 #   RFC 3463       enhanced codes: 5.1.2 (bad destination system), 4.4.3 (routing server
 #                  failure), 5.4.4 (unable to route), 5.4.6 (routing loop), 4.4.1 (no answer
@@ -636,7 +636,9 @@ def plan_mx(
       * No MX records (NODATA) -> implicit MX: RFC 5321 5.1 "If an empty list of MXs is
         returned, the address is treated as if it was associated with an implicit MX RR,
         with a preference of 0, pointing to that host."
-      * Null MX -> FAILED 556 5.1.10 (RFC 7505 4.1: the client "MUST NOT" try to deliver).
+      * Null MX -> FAILED 556 5.1.10 at once, no connection: the record says the domain
+        accepts no mail, so delivery "fails immediately" (RFC 7505 1); 556 is RFC 7504's
+        "domain does not accept mail" and X.1.10 RFC 7505's "recipient address has null MX".
         Root-exchange records mixed with real ones violate RFC 7505 3 ("MUST NOT advertise
         any other MX RR"); the real ones are used and the null ones skipped.
       * Hosts sorted (see order_mx); a host that is this server, by name, and every host at
@@ -964,7 +966,8 @@ class DeliveryWalk:
 
     Args:
         route: the route; FAILED/DEFERRED routes finish at once with the route's reply.
-        max_connections: try at most this many targets in this attempt (None: all).
+        max_connections: try at most this many targets in this attempt (None: all); RFC
+            5321 5.1 allows "a configurable limit on the number of alternate addresses".
 
     Raises:
         LocalProtocolError: a LOCAL route (nothing to connect to).
