@@ -156,6 +156,8 @@ def normalize_domain(domain: str) -> str:
 def parse_ip(text: str) -> IPAddress | None:
     """Return the IP address written in ``text`` (bare, ``[v4]`` or ``[IPv6:v6]``), or None."""
     t = text.strip()
+    if not t or (t[0] not in "[0123456789" and ":" not in t):
+        return None  # a host name: skip the costly failed parse
     if t.startswith("[") and t.endswith("]"):
         t = t[1:-1]
         if t[:5].lower() == "ipv6:":
@@ -180,12 +182,15 @@ class AddressPreference(enum.Enum):
     @property
     def rdtypes(self) -> tuple[str, ...]:
         """The address record types to look up, in preference order."""
-        return {
-            AddressPreference.PREFER_IPV6: ("AAAA", "A"),
-            AddressPreference.PREFER_IPV4: ("A", "AAAA"),
-            AddressPreference.IPV6_ONLY: ("AAAA",),
-            AddressPreference.IPV4_ONLY: ("A",),
-        }[self]
+        return _RDTYPES[self.value]
+
+
+_RDTYPES = {
+    "prefer-ipv6": ("AAAA", "A"),
+    "prefer-ipv4": ("A", "AAAA"),
+    "ipv6-only": ("AAAA",),
+    "ipv4-only": ("A",),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

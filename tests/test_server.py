@@ -950,3 +950,12 @@ def test_decoded_values_that_events_refuse_get_501(line: bytes) -> None:
     if line.startswith(b"RCPT"):
         s.feed(b"MAIL FROM:<x@y.example>\r\n")
     assert s.codes(line) == [501]
+
+
+def test_connection_closed_is_reported_once_then_paused() -> None:
+    s = Session()
+    s.conn.receive_data(b"QUIT\r\n")
+    assert isinstance(s.conn.next_event(), Quit)
+    assert isinstance(s.conn.next_event(), ConnectionClosed)
+    assert s.conn.next_event() is PAUSED
+    assert s.conn.next_event() is PAUSED
