@@ -382,21 +382,21 @@ class Destination:
     reason: str
 
 
-def destination_for(recipient: str, config: RoutingConfig) -> tuple[tuple[object, ...], str]:
-    """Classify one recipient: returns (grouping key, reason).  Used by group_recipients."""
+def _classify(recipient: str, config: RoutingConfig) -> tuple[str, str, NextHop | None, str]:
+    """One recipient -> (kind, domain, next hop, reason); kind is local, remote or invalid."""
     if "@" not in recipient:  # RFC 5321 4.5.1: <Postmaster> without a domain is always local
-        return ("local", config.hostname), "domain-less postmaster is local"
+        return "local", normalize_domain(config.hostname), None, "domain-less postmaster"
     _, raw = split_mailbox(recipient)
     if config.is_local_domain(raw):
         domain = raw.lower() if raw.startswith("[") else normalize_domain(raw)
-        return ("local", domain), f"{domain} is a local domain"
+        return "local", domain, None, f"{domain} is a local domain"
     literal = parse_ip(raw) if raw.startswith("[") else None
     if literal is not None:
         relay = config.transport.get("*")
         if relay is not None:
-            return ("remote", relay, raw), f"address literal {raw} via '*' -> {relay}"
+            return "remote", raw, relay, f"address literal {raw} via '*' -> {relay}"
         hop = NextHop(host=str(literal), port=config.smtp_port, mx=False)
-        return ("remote", hop, raw), f"address literal {raw}: connect to {hop}"
+        return "remote", raw, hop, f"address literal {raw}: connect to {hop}"
     try:
         domain = normalize_domain(raw)
     except ValueError:
@@ -404,12 +404,15 @@ def destination_for(recipient: str, config: RoutingConfig) -> tuple[tuple[object
     entry = config.transport_for(domain)
     if entry is not None:
         key, hop = entry
-        return ("remote", hop, domain), f"{domain}: transport map entry {key!r} -> {hop}"
+        return "remote", domain, hop, f"{domain}: transport map entry {key!r} -> {hop}"
     if not domain or not is_valid_domain(domain, utf8=False):
         # Not routable; the lookup machine fails it with 5.1.2 without asking DNS.
-        return ("invalid", domain), f"{raw!r} is not a valid domain"
+        return "invalid", domain, None, f"{raw!r} is not a valid domain"
     hop = NextHop(host=domain, port=config.smtp_port, mx=True)
-    return ("remote", hop, domain), f"{domain} routed by MX"
+    return "remote", domain, hop, f"{domain} routed by MX"
+
+
+_MAX_REASONS = 5
 
 
 def group_recipients(recipients: Iterable[str], config: RoutingConfig) -> tuple[Destination, ...]:
@@ -418,7 +421,8 @@ def group_recipients(recipients: Iterable[str], config: RoutingConfig) -> tuple[
     Local domains become one local Destination each.  Remote recipients are grouped by next
     hop: all recipients of one MX-routed domain together, and all recipients whose domains a
     transport-map entry sends to the same relay together (one SMTP transaction carries them).
-    Exact duplicate addresses are kept once.
+    A recipient whose domain is not a valid domain gets a Destination without a next hop
+    (its lookup fails with 5.1.2 at once).  Exact duplicate addresses are kept once.
 
     Args:
         recipients: the envelope's forward-paths, as accepted by RCPT TO.
@@ -427,39 +431,31 @@ def group_recipients(recipients: Iterable[str], config: RoutingConfig) -> tuple[
     Returns:
         The destinations, in the order their first recipient appears.
     """
-    groups: dict[tuple[object, ...], list[str]] = {}
-    reasons: dict[tuple[object, ...], list[str]] = {}
-    meta: dict[tuple[object, ...], tuple[bool, str, NextHop | None]] = {}
+    Group = tuple[str, str, NextHop | None, list[str], dict[str, None]]
+    groups: dict[tuple[str, object], Group] = {}
     seen: set[str] = set()
     for rcpt in recipients:
         if rcpt in seen:
             continue
         seen.add(rcpt)
-        key, reason = destination_for(rcpt, config)
-        if key[0] == "remote":
-            hop = key[1]
-            assert isinstance(hop, NextHop)
-            domain = str(key[2])
-            group_key: tuple[object, ...] = ("remote", hop)
-            meta.setdefault(group_key, (False, domain, hop))
-        elif key[0] == "local":
-            group_key = key
-            meta.setdefault(group_key, (True, str(key[1]), None))
-        else:  # invalid domain: its own group, a name the machine refuses to look up
-            group_key = key
-            meta.setdefault(group_key, (False, str(key[1]), None))
-        groups.setdefault(group_key, []).append(rcpt)
-        reasons.setdefault(group_key, []).append(reason)
+        kind, domain, hop, reason = _classify(rcpt, config)
+        group_key: tuple[str, object] = (kind, hop if kind == "remote" else domain)
+        group = groups.setdefault(group_key, (kind, domain, hop, [], {}))
+        group[3].append(rcpt)
+        group[4][reason] = None
     out = []
-    for group_key, rcpts in groups.items():
-        local, domain, hop = meta[group_key]
+    for kind, domain, hop, rcpts, reason_set in groups.values():
+        reasons = list(reason_set)
+        why = "; ".join(reasons[:_MAX_REASONS])
+        if len(reasons) > _MAX_REASONS:
+            why += f"; and {len(reasons) - _MAX_REASONS} more"
         out.append(
             Destination(
-                local=local,
+                local=kind == "local",
                 domain=domain,
                 nexthop=hop,
                 recipients=tuple(rcpts),
-                reason="; ".join(dict.fromkeys(reasons[group_key])),
+                reason=why,
             )
         )
     return tuple(out)

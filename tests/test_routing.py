@@ -113,6 +113,13 @@ def test_transport_map_overrides_mx_most_specific_key_wins() -> None:
     assert "transport map entry '*'" in dests[-1].reason
 
 
+def test_a_relay_group_of_many_domains_keeps_its_reason_short() -> None:
+    config = RoutingConfig(transport={"*": NextHop.parse("[relay.test]")})
+    (dest,) = group_recipients([f"a@d{i}.test" for i in range(40)], config)
+    assert len(dest.recipients) == 40
+    assert dest.reason.count("transport map entry") == 5 and dest.reason.endswith("and 35 more")
+
+
 def test_smarthost_route_looks_up_only_the_relay_addresses() -> None:
     config = RoutingConfig(transport={"*": NextHop.parse("[relay.test]:2525")})
     (dest,) = group_recipients(["a@example.com"], config)
