@@ -204,11 +204,14 @@ class SessionModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conn = ServerConnection(ServerConfig(hostname="mx.example", max_bad_commands=1000))
+        config = ServerConfig(hostname="mx.example", max_bad_commands=1000, starttls=True)
+        self.conn = ServerConnection(config)
         self.conn.send(Reply(code=220, text="hi"))
         self.conn.data_to_send()
         self.state = SessionState.HELLO
         self.rcpts = 0
+        self.sender = False
+        self.tls = False
 
     @initialize()
     def start(self) -> None:
@@ -233,7 +236,7 @@ class SessionModel(RuleBasedStateMachine):
         code = self.exchange(b"EHLO c.example\r\n", 250 if ok else 550, cuts)
         assert code == (250 if ok else 550)
         if ok:
-            self.state, self.rcpts = SessionState.READY, 0
+            self.state, self.rcpts, self.sender = SessionState.READY, 0, False
 
     @rule(ok=st.booleans(), cuts=st.lists(st.integers(0, 40), max_size=3))
     def mail(self, ok: bool, cuts: list[int]) -> None:
@@ -241,7 +244,7 @@ class SessionModel(RuleBasedStateMachine):
         if self.state is SessionState.READY:
             assert code == (250 if ok else 550)
             if ok:
-                self.state = SessionState.MAIL
+                self.state, self.sender = SessionState.MAIL, True
         else:
             assert code == 503
 
@@ -262,13 +265,29 @@ class SessionModel(RuleBasedStateMachine):
         assert self.conn.state is SessionState.DATA
         text = dot_stuff(b"".join(line + b"\r\n" for line in body), True) + b".\r\n"
         assert self.exchange(text, 250 if ok else 451, cuts) == (250 if ok else 451)
-        self.state = SessionState.READY
+        self.state, self.rcpts, self.sender = SessionState.READY, 0, False
 
     @rule(cuts=st.lists(st.integers(0, 10), max_size=2))
     def rset(self, cuts: list[int]) -> None:
         assert self.exchange(b"RSET\r\n", None, cuts) == 250
         if self.state is not SessionState.HELLO:
             self.state = SessionState.READY
+        self.rcpts, self.sender = 0, False
+
+    @rule(pipelined=st.booleans())
+    def starttls(self, pipelined: bool) -> None:
+        # anything pipelined after STARTTLS is discarded (CVE-2011-0411), never answered
+        will_switch = self.state is SessionState.READY and not self.tls
+        extra = b"MAIL FROM:<evil@x.example>\r\n" if pipelined and will_switch else b""
+        code = self.exchange(b"STARTTLS\r\n" + extra, None, [])
+        if self.tls:
+            assert code == 503
+        elif self.state is SessionState.READY:
+            assert code == 220
+            self.conn.tls_established()
+            self.state, self.tls, self.rcpts, self.sender = SessionState.HELLO, True, 0, False
+        else:
+            assert code == 503
 
     @rule(line=st.sampled_from([b"NOOP\r\n", b"HELP\r\n", b"BOGUS\r\n", b"DATA x\r\n"]))
     def other(self, line: bytes) -> None:
@@ -279,6 +298,13 @@ class SessionModel(RuleBasedStateMachine):
     @invariant()
     def states_agree(self) -> None:
         assert self.conn.state is self.state
+        assert self.conn.tls_active is self.tls
+
+    @invariant()
+    def no_envelope_leaks(self) -> None:
+        envelope = self.conn.envelope
+        assert (envelope.sender is not None) is self.sender
+        assert len(envelope.recipients) == self.rcpts
 
 
 TestSessionModel = SessionModel.TestCase
