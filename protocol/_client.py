@@ -391,7 +391,9 @@ class ClientConnection:
     def max_message_size(self) -> int | None:
         """The server's SIZE limit in octets (RFC 1870), or None if it declared none."""
         value = self._extensions.get("SIZE", "")
-        return int(value) if value.isdigit() and int(value) > 0 else None
+        if not (value.isascii() and value.isdigit()) or int(value) == 0:
+            return None
+        return int(value)
 
     @property
     def auth_mechanisms(self) -> frozenset[str]:
@@ -846,8 +848,10 @@ class ClientConnection:
             )
 
     def _send_content(self, data: bytes) -> None:
-        if not data and self._state not in _ENDED:
-            return  # nothing to send, whatever the mode
+        if not data and (
+            self._state is S.DATA or (self._pending and isinstance(self._pending[-1], Bdat))
+        ):
+            return  # nothing to send (e.g. after BDAT 0)
         if self._bdat_remaining:
             if len(data) > self._bdat_remaining:
                 raise LocalProtocolError(

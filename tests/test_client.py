@@ -974,3 +974,44 @@ def test_data_stream_never_contains_a_premature_terminator(chunks: list[bytes]) 
     assert wire.endswith(b"\r\n.\r\n")
     assert wire.find(b"\r\n.\r\n") == len(wire) - 5
     assert wire.count(b"\r\n") == wire.count(b"\n") == wire.count(b"\r")
+
+
+def test_size_with_a_non_ascii_number_is_no_limit() -> None:
+    conn = greeted("250-mx.example\r\n250 SIZE \u00b2\r\n".encode())
+    assert conn.max_message_size is None
+
+
+def test_empty_content_outside_data_or_bdat_is_still_refused() -> None:
+    conn = greeted()
+    with pytest.raises(LocalProtocolError):
+        conn.send(MessageData(data=b""))
+    open_data(conn)
+    conn.send(MessageData(data=b""))  # a no-op inside DATA
+    assert conn.data_to_send() == b""
+
+
+REPLY_LINE = st.builds(
+    lambda code, sep, text, end: f"{code}{sep}{text}".encode() + end,
+    st.sampled_from([220, 221, 235, 250, 334, 354, 421, 450, 500, 502, 550, 554, 199, 600]),
+    st.sampled_from([" ", "-", "", "x"]),
+    st.text(max_size=10),
+    st.sampled_from([b"\r\n", b"\n", b"\r", b""]),
+)
+HOSTILE = st.one_of(st.binary(max_size=300), st.lists(REPLY_LINE, max_size=12).map(b"".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(HOSTILE, st.integers(1, 20))
+def test_hostile_server_bytes_raise_only_remote_protocol_error(wire: bytes, step: int) -> None:
+    conn = greeted()
+    conn.send(SENDER)
+    conn.send(BOB)
+    conn.send(Data())
+    try:
+        for i in range(0, len(wire), step):
+            conn.receive_data(wire[i : i + step])
+            events(conn)
+        conn.receive_eof()
+        events(conn)
+    except RemoteProtocolError:
+        assert state_of(conn) is S.ERROR

@@ -219,10 +219,12 @@ def test_auth_plain_reaches_the_server_as_credentials() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rng=st.randoms(use_true_random=False), accept=st.lists(st.booleans(), min_size=1, max_size=5)
+    rng=st.randoms(use_true_random=False),
+    accept=st.lists(st.booleans(), min_size=1, max_size=5),
+    bdat=st.booleans(),
 )
 def test_lmtp_per_recipient_replies_through_the_server_engine(
-    rng: random.Random, accept: list[bool]
+    rng: random.Random, accept: list[bool], bdat: bool
 ) -> None:
     answers = iter(range(1000))
 
@@ -245,7 +247,7 @@ def test_lmtp_per_recipient_replies_through_the_server_engine(
     rcpts = [RcptTo(address=f"u{i}@mx.example") for i in range(len(accept))]
     tx = MailTransaction(
         pair.client, sender=MailFrom(address="a@client.example"), recipients=rcpts,
-        body=[b"hello\n"], use_bdat=False,
+        body=[b"hello\n"], use_bdat=bdat,
     )  # fmt: skip
     drive(pair, tx)
     result = tx.result
