@@ -134,45 +134,101 @@ class _Server:
         self, live: Live, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         driver = live.driver
-        while True:
-            outcome = await run_async(driver.process())
-            if outcome == "READ" and self.stopping:
-                live.kick(force=False)
-            if outcome == "READ" and live.kicked:
-                driver.shutdown()
-                outcome = "CLOSE"
-            out = driver.data_to_send()
-            if out:
-                writer.write(out)
-                await writer.drain()  # back-pressure: never read while output is pending
-            if outcome == "CLOSE":
-                return
-            if outcome == "STARTTLS":
-                assert self.tls_context is not None
-                await writer.start_tls(
-                    self.tls_context, ssl_handshake_timeout=self.config.command_timeout
-                )
-                driver.tls_established()
-                continue
-            try:
-                live.reading = True
-                async with asyncio.timeout_at(driver.deadline):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                if driver.check_timeout():
-                    writer.write(driver.data_to_send())
-                    await writer.drain()
+        task = asyncio.current_task()
+        assert task is not None
+        timer = _Timer(asyncio.get_running_loop(), task, live)
+        try:
+            while True:
+                outcome = await run_async(driver.process())
+                if outcome == "READ" and self.stopping:
+                    live.kick(force=False)
+                if outcome == "READ" and live.kicked:
+                    driver.shutdown()
+                    outcome = "CLOSE"
+                out = driver.data_to_send()
+                if out:
+                    writer.write(out)
+                    timer.in_io = True  # a peer that stops reading times out here
+                    timer.arm()
+                    try:
+                        await writer.drain()  # back-pressure: never read with output pending
+                    except asyncio.CancelledError:
+                        if not timer.expired:
+                            raise
+                        task.uncancel()
+                        raise TimeoutError("the client stopped reading") from None
+                    finally:
+                        timer.in_io = False
+                if outcome == "CLOSE":
                     return
-                continue
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not live.kicked or task is None:
-                    raise
-                task.uncancel()
-                continue  # the loop sends 421 on the kick
-            finally:
-                live.reading = False
-            driver.receive(data)
+                if outcome == "STARTTLS":
+                    assert self.tls_context is not None
+                    await writer.start_tls(
+                        self.tls_context, ssl_handshake_timeout=self.config.command_timeout
+                    )
+                    driver.tls_established()
+                    continue
+                live.reading = timer.in_io = True
+                timer.arm()
+                try:
+                    data = await reader.read(READ_SIZE)
+                except asyncio.CancelledError:
+                    if not (timer.expired or live.kicked):
+                        raise
+                    task.uncancel()
+                    if timer.expired:
+                        timer.expired = False
+                        if driver.check_timeout():
+                            writer.write(driver.data_to_send())  # close() flushes it
+                            return
+                    continue  # a kick: the loop sends 421
+                finally:
+                    live.reading = timer.in_io = False
+                driver.receive(data)
+        finally:
+            timer.cancel()
+
+
+class _Timer:
+    """Sleeps until the engine's deadline with one TimerHandle per connection, re-armed
+    lazily: the deadline moves on every read, so scheduling a timer per read (as
+    ``asyncio.timeout`` does) would cost a heap push and a cancel for each one."""
+
+    __slots__ = ("loop", "task", "live", "handle", "expired", "in_io")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], live: Live):
+        self.loop, self.task, self.live = loop, task, live
+        self.handle: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.in_io = False  # cancel only reads and drains, never a handler call
+
+    def arm(self) -> None:
+        deadline = self.live.driver.deadline
+        if deadline is None:
+            return
+        handle = self.handle
+        if handle is not None:
+            if handle.when() <= deadline:
+                return  # fires first and re-checks
+            handle.cancel()
+        self.handle = self.loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        deadline = self.live.driver.deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:
+            self.handle = self.loop.call_at(deadline, self._fire)
+        elif self.in_io:
+            self.expired = True
+            self.task.cancel()
+        # else: in a handler call; arm() before the next read finds the deadline passed
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
