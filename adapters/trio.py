@@ -152,8 +152,9 @@ class _Server:
                 driver.shutdown()
                 outcome = "CLOSE"
             out = driver.data_to_send()
-            if out:
-                await stream.send_all(out)  # back-pressure: returns once the kernel took it
+            if out:  # back-pressure: send_all returns once the kernel took it all
+                with trio.fail_after(self.config.command_timeout):  # a client not reading
+                    await stream.send_all(out)
             if outcome == "CLOSE":
                 return
             if outcome == "STARTTLS":
