@@ -117,6 +117,8 @@ class _Server:
                 await self._session(live, reader, writer)
             except (OSError, ssl.SSLError, EOFError, TimeoutError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
+            except Exception:  # a bug: log it, keep serving the others
+                log.exception("%s session failed", session.id)
             finally:
                 del self.live[task]
                 await run_async(driver.finish())

@@ -151,6 +151,8 @@ class _Server:
                 sock = self._session(live, sock)
             except (OSError, ssl.SSLError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
+            except Exception:  # a bug: log it, keep serving the others
+                log.exception("%s session failed", session.id)
             finally:
                 with self.lock:
                     del self.live[live]

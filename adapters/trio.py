@@ -127,6 +127,8 @@ class _Server:
                 await self._session(live, stream)
             except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
+            except Exception:  # a bug: log it, keep serving the others
+                log.exception("%s session failed", session.id)
             finally:
                 self.live.discard(live)
                 self.closed.set()

@@ -160,3 +160,28 @@ def test_mailwire_serve_spools_message_and_stops_gracefully_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bad_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "mailwire.toml"
+    path.write_text('listen = ["127.0.0.1:2525"]\nmax_recipient = 100\n')
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--config", str(path)])
+    assert exit_.value.code == 2
+    path.write_text("listen = [")
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--config", str(path)])
+
+
+def test_options_override_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "mailwire.toml"
+    path.write_text('runtime = "trio"\nhostname = "file.example"\nmax_recipients = 200\n')
+    settings = cli.Settings()
+    with path.open("rb") as f:
+        settings.update(cli.tomllib.load(f), str(path))
+    settings.update({"hostname": "option.example"}, "options")
+    assert (settings.runtime, settings.hostname, settings.max_recipients) == (
+        "trio",
+        "option.example",
+        200,
+    )
