@@ -127,3 +127,25 @@ def expected_success(state: SessionState, command: Command) -> SessionState:
 def end_of_data_state() -> SessionState:
     """After the final reply to the end of a DATA body (any class): back to READY."""
     return S.READY
+
+
+def mermaid() -> str:
+    """The transition table as a Mermaid state diagram (the README embeds this output;
+    tests/test_state.py checks that it is current)."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for (state, command), outcomes in TRANSITIONS.items():
+        for cls, target in sorted(outcomes.items()):
+            if target is state:
+                continue
+            label = f"{command.__name__} {cls}xx"
+            edges.setdefault((state.name, target.name), []).append(label)
+    edges.setdefault((S.RCPT.name, S.CHUNKING.name), []).append("Bdat 2xx")
+    edges.setdefault((S.CHUNKING.name, S.READY.name), []).append("Bdat LAST / 4xx / 5xx")
+    edges.setdefault((S.DATA.name, S.READY.name), []).append("end of data, any reply")
+    edges.setdefault((S.GREETING.name, S.HELLO.name), []).append("220 greeting")
+    edges.setdefault((S.STARTTLS.name, S.HELLO.name), []).append("TLS established")
+    lines = ["stateDiagram-v2", "    [*] --> GREETING"]
+    for (src, dst), labels in sorted(edges.items()):
+        lines.append(f"    {src} --> {dst}: {', '.join(sorted(set(labels)))}")
+    lines.append("    note right of CLOSED: 421 from any state also leads here")
+    return "\n".join(lines)
