@@ -25,7 +25,7 @@ SAMPLES: list[Command] = [Ehlo(domain="c"), MailFrom(address="a@b.example"), Rse
 @pytest.mark.parametrize("state", list(S))
 @pytest.mark.parametrize("code", [250, 354, 450, 550])
 def test_every_legal_pair_has_a_defined_next_state(state: SessionState, code: int) -> None:
-    for (s, command_type), outcomes in TRANSITIONS.items():
+    for (s, _command), outcomes in TRANSITIONS.items():
         if s is state:
             assert all(isinstance(v, SessionState) for v in outcomes.values())
     for command in SAMPLES:
@@ -33,7 +33,7 @@ def test_every_legal_pair_has_a_defined_next_state(state: SessionState, code: in
             assert isinstance(next_state(state, command, code), SessionState)
 
 
-@pytest.mark.parametrize("state", sorted(COMMAND_STATES, key=lambda s: str(s.value)))
+@pytest.mark.parametrize("state", sorted(COMMAND_STATES, key=str))
 def test_421_closes_from_any_command_state(state: SessionState) -> None:
     assert next_state(state, Rset(), 421) is S.CLOSED
 
