@@ -65,6 +65,10 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  #: QUIT/421/EOF: nothing more may be exchanged
     ERROR = "error"  #: a protocol error made the session unusable
 
+    # Enum.__hash__ is Python code (hash of the name); members compare by identity, so the
+    # C-level identity hash is equivalent and keeps the per-command table lookups cheap.
+    __hash__ = object.__hash__
+
 
 S = SessionState
 #: States in which an ordinary command line is read.
