@@ -474,24 +474,61 @@ def run_sync(steps: Generator[Call, object, Any]) -> Any:
         return stop.value
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A handler returned an awaitable: ``step(steps, await resolve(pending))`` resumes."""
+
+    awaitable: Awaitable[object]
+
+
+_START = object()
+
+
+def step(steps: Generator[Call, object, Any], value: object = _START) -> Any:
+    """Advance a driver generator, calling handlers synchronously, until it finishes or a
+    handler returns an awaitable.  Callback-style adapters (asyncio protocols) use this so
+    that sync handlers cost no task switch.
+
+    Args:
+        steps: the generator (from process() or finish()).
+        value: omitted to start; else the resolved result of the last Pending.
+
+    Returns:
+        The generator's return value, or a Pending to await and resume with.
+    """
+    try:
+        call = next(steps) if value is _START else steps.send(value)
+        while True:
+            try:
+                result: object = call.fn(*call.args)
+            except Exception as exc:
+                result = _Failed(exc)
+            else:
+                if inspect.isawaitable(result):
+                    return Pending(result)
+            call = steps.send(result)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def resolve(pending: Pending) -> object:
+    """Await a Pending's awaitable; a handler exception becomes the driver's failure value."""
+    try:
+        return await pending.awaitable
+    except Exception as exc:
+        return _Failed(exc)
+
+
 async def run_async(steps: Generator[Call, object, Any]) -> Any:
     """Run a driver generator, awaiting handler results that are awaitable (asyncio or trio).
 
     Returns:
         The generator's return value.
     """
-    try:
-        call = next(steps)
-        while True:
-            try:
-                result: object = call.fn(*call.args)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:
-                result = _Failed(exc)
-            call = steps.send(result)
-    except StopIteration as stop:
-        return stop.value
+    result = step(steps)
+    while isinstance(result, Pending):
+        result = step(steps, await resolve(result))
+    return result
 
 
 @dataclass(slots=True, eq=False)

@@ -1,8 +1,15 @@
-"""The SMTP server on asyncio streams: ``serve()`` and ``Controller``.
+"""The SMTP server on asyncio: ``serve()`` and ``Controller``.
 
-This module only moves bytes, sleeps until the engine's deadline and does TLS; every SMTP
-decision is made by :mod:`mailwire.protocol` and the handler, through
-:mod:`mailwire.adapters._driver`.  Handler methods may be ``async def``.
+This module only moves bytes, sleeps until the engine's deadline and does TLS
+(``loop.start_tls``); every SMTP decision is made by :mod:`mailwire.protocol` and the handler,
+through :mod:`mailwire.adapters._driver`.  Handler methods may be ``async def``.
+
+Each connection is an ``asyncio.Protocol`` rather than a pair of streams: bytes arriving in
+``data_received`` are fed to the engine and the handlers are called at once, so a session with
+synchronous handlers costs no task switch, future or timer per read.  An awaitable handler
+result pauses reading and continues in a task.  Back-pressure: reading is paused while a
+handler is awaited, during the TLS handshake, and while the transport's write buffer is above
+its high-water mark (``pause_writing``), so neither input nor output is buffered unbounded.
 """
 
 from __future__ import annotations
@@ -12,24 +19,27 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 from mailwire.adapters._driver import (
     BaseController,
+    Call,
     Driver,
     Handler,
     Live,
+    Pending,
     bind,
     new_session,
     refusal,
-    run_async,
+    resolve,
+    step,
 )
 from mailwire.protocol._config import ServerConfig
 
 __all__ = ["Controller", "serve"]
 
 log = logging.getLogger("mailwire.adapters.asyncio")
-READ_SIZE = 64 * 1024
 _CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and closing after shutdown
 _CLOSE_WAIT = 1.0  # how long a closing TLS transport waits for the peer's close_notify
 
@@ -49,8 +59,9 @@ class _Server:
         self.handler, self.config = handler, config
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.max_connections = max_connections
-        self.live: dict[asyncio.Task[None], Live] = {}
+        self.live: dict[Live, _Connection] = {}
         self.stopping = False
+        self.emptied: asyncio.Event | None = None  # set when the last session ends
         self.stop_requested: asyncio.Event | None = None
         self.grace = 0.0
 
@@ -59,11 +70,14 @@ class _Server:
     ) -> None:
         self.grace = grace
         self.stop_requested = asyncio.Event()
+        self.emptied = asyncio.Event()
+        loop = asyncio.get_running_loop()
         ctx = self.tls_context if self.implicit_tls else None
+        tls_options: dict[str, Any] = {}
+        if ctx is not None:
+            tls_options = {"ssl_handshake_timeout": 30.0, "ssl_shutdown_timeout": _CLOSE_WAIT}
         servers = [
-            await asyncio.start_server(
-                self._connection, sock=sock, ssl=ctx, ssl_handshake_timeout=30.0 if ctx else None
-            )
+            await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ctx, **tls_options)
             for sock in sockets
         ]
         log.info("listening on %s", [s.getsockname() for s in sockets])
@@ -83,158 +97,263 @@ class _Server:
 
     async def _drain_sessions(self) -> None:
         self.stopping = True
-        for live in self.live.values():
+        for live in list(self.live):
             live.kick(force=False)
-        if self.live:
-            await asyncio.wait(list(self.live), timeout=self.grace)
-        for live in self.live.values():
+        await self._all_closed(self.grace)
+        for live in list(self.live):
             live.kick(force=True)
-        if self.live:
-            _, pending = await asyncio.wait(list(self.live), timeout=_CLOSE_TIMEOUT)
-            for task in pending:
-                task.cancel()
+        await self._all_closed(_CLOSE_TIMEOUT)
+        for connection in list(self.live.values()):
+            connection.abort()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def _all_closed(self, timeout: float) -> None:
+        assert self.emptied is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.live:
+                    self.emptied.clear()
+                    await self.emptied.wait()
+
+    def remove(self, live: Live) -> None:
+        self.live.pop(live, None)
+        if not self.live and self.emptied is not None:
+            self.emptied.set()
+
+
+class _Connection(asyncio.Protocol):
+    """One SMTP session: the engine driven from the transport's callbacks."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.driver: Driver | None = None
+        self.live: Live | None = None
+        self.steps: Generator[Call, object, Any] | None = None
+        self.busy = False  # an awaited handler call or the TLS handshake is in progress
+        self.write_paused = False
+        self.read_paused = False
+        self.closed = False
+        self.lost = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # --- transport callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        if len(server.live) >= server.max_connections or server.stopping:
+            log.warning("refusing %s: too many connections", peer)
+            transport.write(refusal(self.config))
+            transport.close()
+            return
+        session = new_session(peer, transport.get_extra_info("sockname"), tls=server.implicit_tls)
+        self.driver = Driver(server.handler, self.config, session, clock=self.loop.time, logger=log)
+        self.live = Live(driver=self.driver, wake=self._wake)
+        server.live[self.live] = self
+        log.debug("%s connect from %s", session.id, session.peer)
+        self._process()
+
+    def data_received(self, data: bytes) -> None:
+        if self.driver is None or self.closed:
+            return
+        self.driver.receive(data)
+        if not self.busy:
+            self._process()
+
+    def eof_received(self) -> bool:
+        if self.driver is not None and not self.closed:
+            self.driver.receive(b"")
+            if not self.busy:
+                self._process()
+        return True  # keep the transport open: replies may still be owed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._cancel_timer()
+        if exc is not None and self.driver is not None and not self.closed:
+            log.info("%s connection lost: %r", self.driver.session.id, exc)
+        if not self.busy:
+            self._finish()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume_reading()
+
+    # --- driving the engine -------------------------------------------------------------------
+
+    def _process(self) -> None:
+        assert self.driver is not None
+        self.steps = self.driver.process()
+        self._advance(step(self.steps))
+
+    def _advance(self, result: Any) -> None:
+        if isinstance(result, Pending):
+            self._go_async(self._resume(result))
+            return
         try:
-            if len(self.live) >= self.max_connections or self.stopping:
-                log.warning("refusing %s: too many connections", writer.get_extra_info("peername"))
-                writer.write(refusal(self.config))
-                await writer.drain()
-                return
-            loop = asyncio.get_running_loop()
-            session = new_session(
-                writer.get_extra_info("peername"),
-                writer.get_extra_info("sockname"),
-                tls=self.implicit_tls,
+            self._outcome(result)
+        except Exception:  # a bug: log it, end this session only
+            log.exception("session failed")
+            self.abort()
+
+    async def _resume(self, pending: Pending) -> None:
+        value = await resolve(pending)
+        assert self.steps is not None
+        self.busy = False
+        self._advance(step(self.steps, value))
+
+    def _go_async(self, coro: Any) -> None:
+        self.busy = True
+        self._pause_reading()
+        if self.live is not None:
+            self.live.reading = False
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _outcome(self, outcome: str) -> None:
+        driver, live, transport = self.driver, self.live, self.transport
+        assert driver is not None and live is not None and transport is not None
+        if self.lost:
+            self._finish()
+            return
+        if outcome == "READ" and self.server.stopping:
+            live.kick(force=False)
+        if outcome == "READ" and live.kicked:
+            driver.shutdown()
+            outcome = "CLOSE"
+        out = driver.data_to_send()
+        if out:
+            transport.write(out)
+        if outcome == "CLOSE":
+            self._close()
+        elif outcome == "STARTTLS":
+            self._go_async(self._starttls())
+        else:
+            live.reading = True
+            self._arm()
+            self._resume_reading()
+
+    async def _starttls(self) -> None:
+        assert self.transport is not None and self.server.tls_context is not None
+        try:
+            transport = await self.loop.start_tls(
+                self.transport,
+                self,
+                self.server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.config.command_timeout,
+                ssl_shutdown_timeout=_CLOSE_WAIT,
             )
-            driver = Driver(self.handler, self.config, session, clock=loop.time, logger=log)
-            live = Live(driver=driver, wake=lambda: _cancel(task))
-            self.live[task] = live
-            log.debug("%s connect from %s", session.id, session.peer)
-            try:
-                await self._session(live, reader, writer)
-            except (OSError, ssl.SSLError, EOFError, TimeoutError) as exc:
-                log.info("%s connection lost: %r", session.id, exc)
-            except Exception:  # a bug: log it, keep serving the others
-                log.exception("%s session failed", session.id)
-            finally:
-                del self.live[task]
-                await run_async(driver.finish())
-        finally:
-            writer.close()
-            try:
-                async with asyncio.timeout(_CLOSE_WAIT):
-                    await writer.wait_closed()
-            except TimeoutError:
-                writer.transport.abort()  # a TLS peer that never answers close_notify
-            except Exception:  # the connection is gone either way
-                pass
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("STARTTLS handshake failed: %r", exc)
+            self.busy = False
+            self.abort()
+            self._finish()
+            return
+        assert isinstance(transport, asyncio.Transport)
+        self.transport, self.read_paused, self.busy = transport, False, False
+        assert self.driver is not None
+        self.driver.tls_established()
+        self._process()
 
-    async def _session(
-        self, live: Live, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        driver = live.driver
-        task = asyncio.current_task()
-        assert task is not None
-        timer = _Timer(asyncio.get_running_loop(), task, live)
-        try:
-            while True:
-                outcome = await run_async(driver.process())
-                if outcome == "READ" and self.stopping:
-                    live.kick(force=False)
-                if outcome == "READ" and live.kicked:
-                    driver.shutdown()
-                    outcome = "CLOSE"
-                out = driver.data_to_send()
-                if out:
-                    writer.write(out)
-                    timer.in_io = True  # a peer that stops reading times out here
-                    timer.arm()
-                    try:
-                        await writer.drain()  # back-pressure: never read with output pending
-                    except asyncio.CancelledError:
-                        if not timer.expired:
-                            raise
-                        task.uncancel()
-                        raise TimeoutError("the client stopped reading") from None
-                    finally:
-                        timer.in_io = False
-                if outcome == "CLOSE":
-                    return
-                if outcome == "STARTTLS":
-                    assert self.tls_context is not None
-                    await writer.start_tls(
-                        self.tls_context, ssl_handshake_timeout=self.config.command_timeout
-                    )
-                    driver.tls_established()
-                    continue
-                live.reading = timer.in_io = True
-                timer.arm()
-                try:
-                    data = await reader.read(READ_SIZE)
-                except asyncio.CancelledError:
-                    if not (timer.expired or live.kicked):
-                        raise
-                    task.uncancel()
-                    if timer.expired:
-                        timer.expired = False
-                        if driver.check_timeout():
-                            writer.write(driver.data_to_send())  # close() flushes it
-                            return
-                    continue  # a kick: the loop sends 421
-                finally:
-                    live.reading = timer.in_io = False
-                driver.receive(data)
-        finally:
-            timer.cancel()
+    def _wake(self) -> None:
+        """A shutdown kick while waiting for input: 421 now."""
+        if not self.busy and not self.closed:
+            self._outcome("READ")
 
+    # --- flow control, timers, closing ------------------------------------------------------------
 
-class _Timer:
-    """Sleeps until the engine's deadline with one TimerHandle per connection, re-armed
-    lazily: the deadline moves on every read, so scheduling a timer per read (as
-    ``asyncio.timeout`` does) would cost a heap push and a cancel for each one."""
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
 
-    __slots__ = ("loop", "task", "live", "handle", "expired", "in_io")
+    def _resume_reading(self) -> None:
+        if self.read_paused and not (self.busy or self.write_paused or self.closed):
+            self.read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], live: Live):
-        self.loop, self.task, self.live = loop, task, live
-        self.handle: asyncio.TimerHandle | None = None
-        self.expired = False
-        self.in_io = False  # cancel only reads and drains, never a handler call
-
-    def arm(self) -> None:
-        deadline = self.live.driver.deadline
+    def _arm(self) -> None:
+        """One TimerHandle per connection, re-armed lazily: the deadline moves on every read,
+        and scheduling a timer per read would cost a heap push and a cancel each time."""
+        assert self.driver is not None
+        deadline = self.driver.deadline
         if deadline is None:
             return
-        handle = self.handle
-        if handle is not None:
-            if handle.when() <= deadline:
+        if self.timer is not None:
+            if self.timer.when() <= deadline:
                 return  # fires first and re-checks
-            handle.cancel()
-        self.handle = self.loop.call_at(deadline, self._fire)
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
-        self.handle = None
-        deadline = self.live.driver.deadline
-        if deadline is None:
+        self.timer = None
+        driver = self.driver
+        if driver is None or self.closed or self.busy:
+            return  # a handler is running: _outcome re-arms afterwards
+        deadline = driver.deadline
+        if deadline is not None and self.loop.time() < deadline:
+            self._arm()
+        elif driver.check_timeout():
+            assert self.transport is not None
+            self.transport.write(driver.data_to_send())
+            self._close()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _close(self) -> None:
+        if self.closed:
             return
-        if self.loop.time() < deadline:
-            self.handle = self.loop.call_at(deadline, self._fire)
-        elif self.in_io:
-            self.expired = True
-            self.task.cancel()
-        # else: in a handler call; arm() before the next read finds the deadline passed
+        self.closed = True
+        self._cancel_timer()
+        assert self.transport is not None
+        if self.write_paused:
+            self.transport.abort()  # the client stopped reading: do not wait to flush
+        else:
+            self.transport.close()
+        self._finish()
 
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
 
+    def _finish(self) -> None:
+        """The session is over: on_message_aborted/on_disconnect, then forget it."""
+        driver, live = self.driver, self.live
+        if driver is None or live is None:
+            return
+        self.driver = None
+        steps = driver.finish()
+        result = step(steps)
+        if isinstance(result, Pending):
 
-def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+            async def finish_async(pending: Pending) -> None:
+                while isinstance(pending, Pending):
+                    pending = step(steps, await resolve(pending))
+                self.server.remove(live)
+
+            task = self.loop.create_task(finish_async(result))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            self.server.remove(live)
 
 
 async def serve(
@@ -296,7 +415,7 @@ class Controller(BaseController):
         handler: the application's Handler.
         config: the engine configuration.
         listen: addresses to bind (default 127.0.0.1 with a kernel-assigned port).
-        **options: tls_context, implicit_tls, max_connections (see :func:`serve`).
+        tls_context, implicit_tls, max_connections: see :func:`serve`.
     """
 
     _server: _Server | None = None
