@@ -42,7 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mailwire.adapters._driver import BaseController, Handler, Session
+from mailwire.adapters._driver import BaseController, Session
+from mailwire.adapters._spool import SpoolHandler
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._events import RcptTo, Reply
 
@@ -164,10 +165,8 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
         command_timeout=settings.command_timeout,
         data_timeout=settings.data_timeout,
     )
-    # adapters/_spool.py (another helper's) defines SpoolHandler(directory); imported lazily
-    spool_handler: type[Handler] = importlib.import_module("mailwire.adapters._spool").SpoolHandler
-    policy = type("SpoolServer", (RelayPolicy, spool_handler), {})
-    handler: Handler = policy(settings.spool)
+    policy = type("SpoolServer", (RelayPolicy, SpoolHandler), {})
+    handler: SpoolHandler = policy(settings.spool)
     handler.local_domains = frozenset(  # type: ignore[attr-defined]
         d.lower().rstrip(".") for d in settings.local_domains
     )
@@ -184,6 +183,11 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
         max_connections=settings.max_connections,
     )
     return controller, settings
+
+
+def _close_store(controller: BaseController) -> None:
+    if isinstance(controller.handler, SpoolHandler):
+        controller.handler.close()
 
 
 def _fqdn() -> str:
@@ -245,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         controller.start()
     except (OSError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
+        _close_store(controller)
         return 1
     addresses = " ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in controller.addresses)
     log.info(
@@ -257,9 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     while not stop.wait(1.0):
         if not controller.running:
             log.error("the server stopped unexpectedly")
+            _close_store(controller)
             return 1
     log.info("stopping: letting transactions finish (grace %.1f s)", settings.grace)
     controller.stop(grace=settings.grace)
+    _close_store(controller)
     log.info("stopped")
     return 0
 

@@ -150,7 +150,14 @@ def test_mailwire_serve_spools_message_and_stops_gracefully_on_sigterm(
         port = int(_wait_for(lines, r"serving on 127\.0\.0\.1:(\d+)", seen).group(1))
         body = b"Subject: spooled\r\n\r\nhello from the cli test\r\n"
         with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
-            assert client.sendmail("a@example.org", ["b@example.net"], body) == {}
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("b@example.net")
+            code, text = client.data(body)
+        assert code == 250, text
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        # one log line per accepted message, with its queue ID
+        _wait_for(lines, re.escape(queue_id) + r".*from=<a@example\.org>", seen)
         files = [p for p in (tmp_path / "spool").rglob("*") if p.is_file()]
         assert any(b"hello from the cli test" in p.read_bytes() for p in files), files
         proc.send_signal(signal.SIGTERM)
