@@ -12,6 +12,7 @@ import smtplib
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 from typing import IO, Any
 
@@ -185,7 +186,7 @@ def test_options_override_the_config_file(tmp_path: Path) -> None:
     path.write_text('runtime = "trio"\nhostname = "file.example"\nmax_recipients = 200\n')
     settings = cli.Settings()
     with path.open("rb") as f:
-        settings.update(cli.tomllib.load(f), str(path))
+        settings.update(tomllib.load(f), str(path))
     settings.update({"hostname": "option.example"}, "options")
     assert (settings.runtime, settings.hostname, settings.max_recipients) == (
         "trio",
