@@ -1,0 +1,271 @@
+"""SMTP servers to benchmark, each in its own process, and Postfix's smtp-source to load them.
+
+Every server under test runs in a child process (``python _peers.py serve NAME [DIR]``) that
+binds 127.0.0.1 on a kernel-assigned port and prints ``PORT <n>``: the harness process stays
+out of their way (no shared GIL, no shared garbage collector), and all of them can be up at
+once so repetitions can be interleaved.
+
+    peers = Peers()
+    port = peers.start("mailwire-asyncio")
+    seconds = smtp_source(port, messages=2000, size=1024, sessions=20)
+    peers.stop_all()
+
+Servers (NAMES): Postfix's ``smtp-sink`` (C, discards), ``aiosmtpd`` with a do-nothing
+handler, mailwire on each runtime with a handler that discards the message
+(``mailwire-asyncio``, ``mailwire-asyncio-uvloop``, ``mailwire-trio``, ``mailwire-threads``)
+and mailwire with the durable spool (``mailwire-spool-<runtime>``, fsync on; the spool
+directory is the optional DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+RUNTIMES = ("asyncio", "trio", "threads")
+NAMES = (
+    "smtp-sink",
+    "aiosmtpd",
+    "mailwire-asyncio",
+    "mailwire-asyncio-uvloop",
+    "mailwire-trio",
+    "mailwire-threads",
+    *(f"mailwire-spool-{r}" for r in RUNTIMES),
+)
+SENDER = "from@source.example"
+RECIPIENT = "to@sink.example"
+
+
+def have_smtp_source() -> bool:
+    """True when Postfix's smtp-source (and smtp-sink) are installed."""
+    return os.access(SMTP_SOURCE, os.X_OK) and os.access(SMTP_SINK, os.X_OK)
+
+
+def have_uvloop() -> bool:
+    """True when the optional uvloop extra is installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def smtp_source(
+    port: int, *, messages: int, size: int, sessions: int, reuse: bool = True, timeout: float = 300
+) -> float:
+    """Send ``messages`` messages of ``size`` payload octets over ``sessions`` parallel
+    sessions with smtp-source; returns the wall-clock seconds.
+
+    Args:
+        port: the server's port on 127.0.0.1.
+        messages: total messages (smtp-source's -m).
+        size: payload octets per message (smtp-source's -l; headers come on top).
+        sessions: parallel sessions (-s).
+        reuse: send every message of a session over one connection (-d); otherwise one
+            connection per message.
+
+    Raises:
+        RuntimeError: smtp-source failed (a server answered something unexpected).
+    """
+    cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    cmd += ["-f", SENDER, "-t", RECIPIENT, "-M", "source.example"]
+    if reuse:
+        cmd.append("-d")
+    cmd.append(f"127.0.0.1:{port}")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"smtp-source failed ({proc.returncode}): {proc.stderr.strip()}")
+    return elapsed
+
+
+@dataclass
+class Peers:
+    """Started servers, by name; stop_all() ends them."""
+
+    procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    tmpdirs: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)
+
+    def start(self, name: str, spool_dir: str | None = None) -> int:
+        """Start server ``name`` (one of NAMES) and return its port.
+
+        Raises:
+            RuntimeError: it did not come up.
+        """
+        if name == "smtp-sink":
+            port = _free_port()
+            cmd = [SMTP_SINK]
+            if os.geteuid() == 0:
+                cmd += ["-u", "nobody"]
+            cmd += [f"127.0.0.1:{port}", "1024"]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, text=True)
+            _wait_listening(port, proc)
+        else:
+            if name.startswith("mailwire-spool") and spool_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="mailwire-bench-spool-")
+                self.tmpdirs.append(tmp)
+                spool_dir = tmp.name
+            cmd = [sys.executable, os.path.abspath(__file__), "serve", name]
+            if spool_dir is not None:
+                cmd.append(spool_dir)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+            )
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("PORT "):
+                proc.kill()
+                raise RuntimeError(f"{name} did not start: {line!r}")
+            port = int(line.split()[1])
+        self.procs[name] = proc
+        self.ports[name] = port
+        return port
+
+    def stop(self, name: str) -> None:
+        """Stop one server."""
+        proc = self.procs.pop(name, None)
+        self.ports.pop(name, None)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def stop_all(self) -> None:
+        """Stop every server and remove temporary spools."""
+        for name in list(self.procs):
+            self.stop(name)
+        for tmp in self.tmpdirs:
+            tmp.cleanup()
+        self.tmpdirs.clear()
+
+    def pid(self, name: str) -> int:
+        """The process id of a started server (for profilers)."""
+        return self.procs[name].pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)  # the greeting
+                s.sendall(b"QUIT\r\n")
+                return
+        except OSError:
+            time.sleep(0.02)  # startup poll of a child process, not a test sleep
+    proc.kill()
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+# --- the child side: `python _peers.py serve NAME [DIR]` ----------------------------------------
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+def _announce(sock: socket.socket) -> None:
+    sys.stdout.write(f"PORT {sock.getsockname()[1]}\n")
+    sys.stdout.flush()
+
+
+def _serve_aiosmtpd() -> None:
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    class DoNothing:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            return "250 OK"
+
+    async def main() -> None:
+        sock = _listening_socket()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(DoNothing(), hostname="aiosmtpd.bench"), sock=sock
+        )
+        _announce(sock)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def _serve_mailwire(name: str, spool_dir: str | None) -> None:
+    import importlib
+
+    from mailwire.adapters._driver import Handler
+    from mailwire.protocol import ServerConfig
+
+    runtime = name.rsplit("-", 1)[-1] if "spool" in name else name.split("-")[1]
+    handler: Handler
+    if "spool" in name:
+        from mailwire.adapters._spool import SpoolHandler
+
+        assert spool_dir is not None
+        handler = SpoolHandler(spool_dir)
+    else:
+        handler = Handler()  # the base Handler discards every message
+    config = ServerConfig(hostname="mailwire.bench")
+    adapter = importlib.import_module(f"mailwire.adapters.{runtime}")
+    sock = _listening_socket()
+    _announce(sock)
+    if runtime == "asyncio":
+        import asyncio
+
+        coro = adapter.serve(handler, config, sockets=[sock])
+        if name.endswith("uvloop"):
+            import uvloop
+
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
+    elif runtime == "trio":
+        import trio
+
+        trio.run(lambda: adapter.serve(handler, config, sockets=[sock]))
+    else:
+        adapter.serve(handler, config, sockets=[sock])
+
+
+def main(argv: list[str]) -> None:
+    """Child entry point: ``serve NAME [DIR]``."""
+    if len(argv) < 2 or argv[0] != "serve" or argv[1] not in NAMES or argv[1] == "smtp-sink":
+        raise SystemExit("usage: _peers.py serve NAME [SPOOL_DIR]")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if argv[1] == "aiosmtpd":
+        _serve_aiosmtpd()
+    else:
+        _serve_mailwire(argv[1], argv[2] if len(argv) > 2 else None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,185 @@
+"""End-to-end SMTP throughput, side by side in one run: Postfix's smtp-source as the load
+generator against smtp-sink, aiosmtpd and mailwire on each runtime (issue 4), and the durable
+spool with fsync on (issue 6).
+
+    python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool] [--no-reuse]
+
+Each server runs in its own process; repetitions are interleaved (every server once per
+round) and the table shows the median messages/s of the rounds and ratios computed from those
+medians.  The machines here have 2 shared cores, shared with smtp-source: compare ratios
+from one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _peers import Peers, have_smtp_source, have_uvloop, smtp_source  # noqa: E402
+
+# (label, payload octets, sessions, messages per measurement at scale 1)
+CASES = [
+    ("1 KB, 1 session", 1024, 1, 2000),
+    ("1 KB, 20 sessions", 1024, 20, 3000),
+    ("100 KB, 1 session", 100 * 1024, 1, 400),
+    ("100 KB, 20 sessions", 100 * 1024, 20, 400),
+]
+SPOOL_CASES = [
+    ("1 KB, 1 session", 1024, 1, 200),
+    ("1 KB, 20 sessions", 1024, 20, 1000),
+    ("100 KB, 20 sessions", 100 * 1024, 20, 400),
+]
+SHORT = {
+    "smtp-sink": "sink",
+    "aiosmtpd": "aiosmtpd",
+    "mailwire-asyncio": "asyncio",
+    "mailwire-asyncio-uvloop": "uvloop",
+    "mailwire-trio": "trio",
+    "mailwire-threads": "threads",
+    "mailwire-spool-asyncio": "spool-asyncio",
+    "mailwire-spool-trio": "spool-trio",
+    "mailwire-spool-threads": "spool-threads",
+}
+
+
+def measure(
+    peers: Peers,
+    names: list[str],
+    cases: list[tuple[str, int, int, int]],
+    repeat: int,
+    scale: float,
+    reuse: bool,
+) -> dict[tuple[str, str], float | str]:
+    """Median messages/s per (case label, server); a string when the server failed."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    failed: dict[tuple[str, str], str] = {}
+    for _ in range(repeat):
+        for label, size, sessions, messages in cases:
+            n = max(sessions, int(messages * scale))
+            for name in names:
+                key = (label, name)
+                if key in failed or name not in peers.ports:
+                    continue
+                try:
+                    seconds = smtp_source(
+                        peers.ports[name], messages=n, size=size, sessions=sessions, reuse=reuse
+                    )
+                except RuntimeError as exc:
+                    failed[key] = str(exc).splitlines()[0][:60]
+                    continue
+                rates.setdefault(key, []).append(n / seconds)
+    out: dict[tuple[str, str], float | str] = dict(failed)
+    for key, values in rates.items():
+        out[key] = statistics.median(values)
+    return out
+
+
+def ratio(a: float | str | None, b: float | str | None) -> str:
+    if isinstance(a, float) and isinstance(b, float) and b > 0:
+        return f"{a / b:.2f}x"
+    return "-"
+
+
+def table(
+    names: list[str],
+    cases: list[tuple[str, int, int, int]],
+    results: dict[tuple[str, str], float | str],
+    ratios: list[tuple[str, str, str]],
+) -> str:
+    head = ["case"] + [SHORT[n] for n in names] + [r[0] for r in ratios]
+    rows = [head]
+    for label, *_ in cases:
+        row = [label]
+        for name in names:
+            v = results.get((label, name))
+            row.append(f"{v:.0f}" if isinstance(v, float) else "failed" if v else "-")
+        for _, num, den in ratios:
+            row.append(ratio(results.get((label, num)), results.get((label, den))))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        " | ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    errors = [f"  {k[1]} on {k[0]}: {v}" for k, v in results.items() if isinstance(v, str)]
+    return "\n".join(lines + (["failures:"] + errors if errors else []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="rounds (median is reported)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
+    parser.add_argument("--no-spool", action="store_true", help="skip the durable spool table")
+    parser.add_argument("--no-reuse", action="store_true", help="one connection per message")
+    parser.add_argument("--spool-dir", help="parent directory for spools (default: $TMPDIR)")
+    args = parser.parse_args()
+    if not have_smtp_source():
+        raise SystemExit("smtp-source/smtp-sink not installed (Debian package postfix)")
+
+    names = ["smtp-sink", "aiosmtpd", "mailwire-asyncio"]
+    if have_uvloop():
+        names.append("mailwire-asyncio-uvloop")
+    names += ["mailwire-trio", "mailwire-threads"]
+    print(
+        f"# {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs (shared with smtp-source), {platform.platform()}"
+    )
+    mode = "one connection per message" if args.no_reuse else "-d (messages back to back)"
+    print(
+        f"# smtp-source {mode}; HELO, no pipelining; "
+        f"median of {args.repeat} interleaved rounds; messages/s"
+    )
+    peers = Peers()
+    try:
+        for name in names:
+            peers.start(name)
+        start = time.perf_counter()
+        results = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
+        ratios = [
+            ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
+            ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
+            ("threads/asyncio", "mailwire-threads", "mailwire-asyncio"),
+        ]
+        if "mailwire-asyncio-uvloop" in names:
+            ratios += [
+                ("uvloop/aiosmtpd", "mailwire-asyncio-uvloop", "aiosmtpd"),
+                ("uvloop/sink", "mailwire-asyncio-uvloop", "smtp-sink"),
+            ]
+        ratios.append(("asyncio/sink", "mailwire-asyncio", "smtp-sink"))
+        print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
+        print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB)\n")
+        print(table(names, CASES, results, ratios))
+        print(f"\n({time.perf_counter() - start:.0f} s)")
+        peers.stop_all()
+
+        if not args.no_spool:
+            spool_parent = args.spool_dir or tempfile.gettempdir()
+            spool_names = [f"mailwire-spool-{r}" for r in ("asyncio", "trio", "threads")]
+            tmp = tempfile.TemporaryDirectory(prefix="mailwire-spools-", dir=spool_parent)
+            for name in spool_names:
+                peers.start(name, os.path.join(tmp.name, name))
+            start = time.perf_counter()
+            results = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
+            print(
+                f"\n## durable spool, fsync on (file + directory, group commit), {spool_parent}\n"
+            )
+            print(table(spool_names, SPOOL_CASES, results, []))
+            print(f"\n({time.perf_counter() - start:.0f} s)")
+            peers.stop_all()
+            tmp.cleanup()
+    finally:
+        peers.stop_all()
+
+
+if __name__ == "__main__":
+    main()
