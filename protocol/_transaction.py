@@ -36,27 +36,36 @@
 #     are pipelined when PIPELINING is offered.
 #   * LMTP (RFC 2033 4.2): one final reply per accepted recipient, in RCPT order.
 #   * A 421, the connection closing or a timeout ends the transaction with ``result.error``.
+#
+# SessionSetup (at the end of this file) is the same kind of driver for what comes before:
+# greeting, EHLO with the HELO fallback, STARTTLS, AUTH.
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from mailwire.protocol._client import ClientConnection, LineNormalizer
+from mailwire.protocol._client import ClientConnection, LineNormalizer, SaslMechanism
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import (
     NEED_DATA,
     PAUSED,
+    Auth,
+    AuthResponse,
     Bdat,
     Command,
     ConnectionClosed,
     Data,
+    Ehlo,
     EndOfMessage,
+    Helo,
+    Lhlo,
     MailFrom,
     MessageData,
     RcptTo,
     Reply,
     Rset,
+    StartTLS,
     TLSEstablished,
 )
 from mailwire.protocol._state import SessionState
@@ -444,3 +453,217 @@ class MailTransaction:
                 self._reset()
             else:
                 self._finish(None)
+
+
+# --- opening a session ----------------------------------------------------------------------------
+#
+# SessionSetup drives a fresh ClientConnection from the greeting to "ready for MAIL":
+#
+#     greeting (220; 554/421 end it, RFC 5321 3.1)
+#     EHLO (LHLO in LMTP) -- 5yz: HELO instead (RFC 5321 3.2)
+#     STARTTLS when offered (``starttls=None``, opportunistic) or demanded (``True``), then the
+#         adapter's handshake (``wants_tls``), then EHLO again (RFC 3207 4.2)
+#     AUTH with the given SaslMechanism (PLAIN/LOGIN/XOAUTH2), 334 challenges answered
+#
+# The adapter loop is the MailTransaction one, plus: when ``wants_tls``, do the handshake and
+# call ``tls_established()``.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetupResult:
+    """The outcome of a :class:`SessionSetup`.
+
+    Attributes:
+        greeting: the server's greeting, if one arrived.
+        hello: the accepted reply to the last EHLO/HELO/LHLO, if any.
+        reply: the reply that made the setup fail, if a reply did.
+        error: why the setup failed, or None when the session is ready for mail.
+    """
+
+    greeting: Reply | None = None
+    hello: Reply | None = None
+    reply: Reply | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if the session is ready for a mail transaction."""
+        return self.error is None and self.hello is not None
+
+
+class SessionSetup:
+    """Opens a session on a fresh ClientConnection (see the comment above).
+
+    Args:
+        conn: a ClientConnection that has not received its greeting yet.
+        starttls: None to use STARTTLS when offered, True to require it, False never.
+        sasl: the SASL mechanism to authenticate with, or None.
+        now: the current time, for the engine's deadlines.
+
+    Raises:
+        LocalProtocolError: ``conn`` is past its greeting.
+    """
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        *,
+        starttls: bool | None = None,
+        sasl: SaslMechanism | None = None,
+        now: float | None = None,
+    ) -> None:
+        if conn.state is not S.GREETING:
+            raise LocalProtocolError("SessionSetup needs a connection awaiting its greeting")
+        self.conn = conn
+        self._starttls = starttls
+        self._sasl = sasl
+        self._now = now
+        self._greeting: Reply | None = None
+        self._hello: Reply | None = None
+        self._reply: Reply | None = None
+        self._error: str | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once the session is ready, or the setup failed (see ``result``)."""
+        return self._done
+
+    @property
+    def wants_tls(self) -> bool:
+        """True when the adapter must do the TLS handshake, then call tls_established()."""
+        return not self._done and self.conn.state is S.STARTTLS
+
+    @property
+    def result(self) -> SetupResult:
+        """The outcome so far."""
+        return SetupResult(
+            greeting=self._greeting, hello=self._hello, reply=self._reply, error=self._error
+        )
+
+    @property
+    def deadline(self) -> float | None:
+        """The engine's deadline (see ClientConnection.deadline)."""
+        return None if self._done else self.conn.deadline
+
+    def receive_data(self, data: bytes, *, now: float | None = None) -> None:
+        """Feed bytes received from the server and act on the replies.
+
+        Raises:
+            RemoteProtocolError: the server broke the protocol (from the engine).
+        """
+        if now is not None:
+            self._now = now
+        self.conn.receive_data(data, now=now)
+        self._process()
+
+    def receive_eof(self) -> None:
+        """The server closed the connection."""
+        self.conn.receive_eof()
+        self._process()
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the server."""
+        return self.conn.data_to_send()
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded; the session restarts with EHLO."""
+        self.conn.tls_established()
+        self._process()
+
+    def check_timeout(self, now: float) -> bool:
+        """End the setup if the engine's deadline passed; True if it did."""
+        if self._done or not self.conn.check_timeout(now):
+            return False
+        self._fail("timeout waiting for the server")
+        return True
+
+    def _fail(self, error: str, reply: Reply | None = None) -> None:
+        self._error = error
+        self._reply = reply
+        self._done = True
+
+    def _send(self, command: Command) -> None:
+        self.conn.send(command, now=self._now)
+
+    def _hello_command(self) -> Command:
+        name = self.conn.config.local_hostname
+        return Lhlo(domain=name) if self.conn.config.lmtp else Ehlo(domain=name)
+
+    def _process(self) -> None:
+        conn = self.conn
+        while not self._done:
+            event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                break
+            if isinstance(event, ConnectionClosed):
+                self._fail("connection closed by the server", self._reply)
+                break
+            if isinstance(event, TLSEstablished):
+                self._hello = None
+                self._send(self._hello_command())
+                continue
+            assert isinstance(event, Reply)
+            self._on_reply(event)
+
+    def _on_reply(self, reply: Reply) -> None:
+        conn, command = self.conn, reply.command
+        if reply.code == 421:
+            self._fail(f"server closing the connection: {reply.code} {reply.text}", reply)
+            return
+        match command:
+            case None:
+                self._greeting = reply
+                if reply.code != 220:
+                    self._fail(f"session refused: {reply.code} {reply.text}", reply)
+                    return
+                self._send(self._hello_command())
+            case Ehlo() | Lhlo() | Helo():
+                if reply.is_positive:
+                    self._hello = reply
+                    self._after_hello()
+                elif conn.ehlo_rejected:
+                    self._send(Helo(domain=conn.config.local_hostname))
+                else:
+                    self._fail(f"{type(command).__name__.upper()} refused", reply)
+            case StartTLS():
+                if reply.is_positive:
+                    return  # wants_tls: the adapter's turn
+                if self._starttls:
+                    self._fail("STARTTLS refused", reply)
+                else:
+                    self._after_tls()  # opportunistic: carry on in clear text
+            case Auth() | AuthResponse():
+                assert self._sasl is not None
+                if reply.code == 334:
+                    self._send(self._sasl.respond(reply))
+                elif reply.code == 235:
+                    self._done = True
+                else:
+                    self._fail("authentication failed", reply)
+            case _:
+                pass
+
+    def _after_hello(self) -> None:
+        conn = self.conn
+        if not conn.tls_active and self._starttls is not False:
+            if conn.has_extension("STARTTLS"):
+                self._send(StartTLS())
+                return
+            if self._starttls:
+                self._fail("the server does not offer STARTTLS", self._hello)
+                return
+        self._after_tls()
+
+    def _after_tls(self) -> None:
+        conn, sasl = self.conn, self._sasl
+        if sasl is None:
+            self._done = True
+            return
+        if sasl.mechanism not in conn.auth_mechanisms:
+            self._fail(f"the server does not offer AUTH {sasl.mechanism}", self._hello)
+            return
+        if not conn.tls_active and not conn.config.allow_plaintext_auth:
+            self._fail("AUTH refused: the connection is not encrypted", self._hello)
+            return
+        self._send(sasl.start())

@@ -10,7 +10,7 @@ from helpers import ConnectionPair, random_splitter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailwire.protocol._client import ClientConnection
+from mailwire.protocol._client import ClientConnection, LoginAuth, PlainAuth
 from mailwire.protocol._config import ClientConfig, ServerConfig
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import (
@@ -28,7 +28,12 @@ from mailwire.protocol._events import (
 )
 from mailwire.protocol._server import ServerConnection
 from mailwire.protocol._state import SessionState
-from mailwire.protocol._transaction import MailTransaction, RecipientResult, TransactionResult
+from mailwire.protocol._transaction import (
+    MailTransaction,
+    RecipientResult,
+    SessionSetup,
+    TransactionResult,
+)
 
 S = SessionState
 FULL = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 DSN\r\n"
@@ -378,3 +383,115 @@ def test_two_transactions_on_one_connection_against_the_server_engine(
         assert pair.client.state is S.READY and pair.server.state is S.READY
     received = [e for e in pair.server_events if isinstance(e, (MessageData, EndOfMessage))]
     assert sum(isinstance(e, EndOfMessage) for e in received) == 1  # second one had nobody
+
+
+# --- SessionSetup ---------------------------------------------------------------------------------
+
+
+def test_setup_greeting_then_ehlo() -> None:
+    conn = ClientConnection(ClientConfig(local_hostname="client.example"))
+    setup = SessionSetup(conn)
+    assert setup.data_to_send() == b""
+    setup.receive_data(b"220 mx.example ESMTP\r\n")  # S:
+    assert setup.data_to_send() == b"EHLO client.example\r\n"  # C:
+    setup.receive_data(b"250-mx.example\r\n250 PIPELINING\r\n")  # S:
+    assert setup.done and setup.result.ok
+    assert setup.result.greeting == Reply(code=220, text="mx.example ESMTP")
+    assert conn.state is S.READY and conn.has_extension("PIPELINING")
+
+
+def test_setup_falls_back_to_helo() -> None:
+    conn = ClientConnection(ClientConfig(local_hostname="client.example"))
+    setup = SessionSetup(conn)
+    setup.receive_data(b"220 old.example\r\n")
+    assert setup.data_to_send() == b"EHLO client.example\r\n"  # C:
+    setup.receive_data(b"502 5.5.1 what?\r\n")  # S:
+    assert setup.data_to_send() == b"HELO client.example\r\n"  # C:
+    setup.receive_data(b"250 old.example\r\n")  # S:
+    assert setup.done and setup.result.ok and not conn.esmtp
+
+
+def test_setup_refused_greeting_fails() -> None:
+    setup = SessionSetup(ClientConnection(ClientConfig()))
+    setup.receive_data(b"554 5.7.1 go away\r\n")
+    assert setup.done and not setup.result.ok
+    assert setup.result.reply == Reply(code=554, text="5.7.1 go away")
+    setup = SessionSetup(ClientConnection(ClientConfig()))
+    setup.receive_data(b"421 busy\r\n")
+    assert setup.done and setup.result.error is not None and "421" in setup.result.error
+
+
+def test_setup_starttls_then_auth() -> None:
+    conn = ClientConnection(ClientConfig(local_hostname="client.example"))
+    setup = SessionSetup(conn, sasl=PlainAuth(username="alice", password="pw"))
+    setup.receive_data(b"220 mx.example\r\n")
+    setup.data_to_send()
+    setup.receive_data(b"250-mx.example\r\n250-STARTTLS\r\n250 AUTH LOGIN\r\n")
+    assert setup.data_to_send() == b"STARTTLS\r\n"  # C: before any AUTH
+    assert not setup.wants_tls
+    setup.receive_data(b"220 go ahead\r\n")  # S:
+    assert setup.wants_tls and not setup.done
+    setup.tls_established()
+    assert setup.data_to_send() == b"EHLO client.example\r\n"  # C: again, over TLS
+    setup.receive_data(b"250-mx.example\r\n250 AUTH PLAIN LOGIN\r\n")  # S:
+    assert setup.data_to_send() == b"AUTH PLAIN AGFsaWNlAHB3\r\n"  # C:
+    setup.receive_data(b"235 2.7.0 ok\r\n")  # S:
+    assert setup.done and setup.result.ok and conn.authenticated and conn.tls_active
+
+
+def test_setup_auth_login_failure_is_reported() -> None:
+    conn = ClientConnection(ClientConfig(), tls_active=True)
+    setup = SessionSetup(conn, sasl=LoginAuth(username="u", password="p"))
+    setup.receive_data(b"220 mx\r\n")
+    setup.receive_data(b"250-mx\r\n250 AUTH LOGIN\r\n")
+    assert setup.data_to_send().endswith(b"AUTH LOGIN\r\n")
+    setup.receive_data(b"334 VXNlcm5hbWU6\r\n")
+    assert setup.data_to_send() == b"dQ==\r\n"
+    setup.receive_data(b"334 UGFzc3dvcmQ6\r\n")
+    assert setup.data_to_send() == b"cA==\r\n"
+    setup.receive_data(b"535 5.7.8 bad credentials\r\n")
+    assert setup.done and setup.result.reply == Reply(code=535, text="5.7.8 bad credentials")
+    assert setup.result.error == "authentication failed"
+
+
+def test_setup_required_starttls_missing_or_refused_fails() -> None:
+    setup = SessionSetup(ClientConnection(ClientConfig()), starttls=True)
+    setup.receive_data(b"220 mx\r\n250 mx\r\n")
+    assert setup.done and setup.result.error == "the server does not offer STARTTLS"
+    setup = SessionSetup(ClientConnection(ClientConfig()), starttls=True)
+    setup.receive_data(b"220 mx\r\n250-mx\r\n250 STARTTLS\r\n454 4.7.0 TLS not available\r\n")
+    assert setup.done and setup.result.error == "STARTTLS refused"
+
+
+def test_setup_opportunistic_starttls_refused_carries_on_but_never_auths_in_clear() -> None:
+    conn = ClientConnection(ClientConfig())
+    setup = SessionSetup(conn, sasl=PlainAuth(username="u", password="p"))
+    setup.receive_data(b"220 mx\r\n250-mx\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n")
+    setup.receive_data(b"454 4.7.0 TLS not available\r\n")
+    assert setup.done and setup.result.error is not None and "not encrypted" in setup.result.error
+    assert b"AUTH" not in setup.data_to_send()
+    setup = SessionSetup(ClientConnection(ClientConfig()), starttls=False)
+    setup.receive_data(b"220 mx\r\n250-mx\r\n250 STARTTLS\r\n")
+    assert setup.done and setup.result.ok
+
+
+def test_setup_then_transaction_against_the_server_engine() -> None:
+    pair = ConnectionPair(
+        server_config=ServerConfig(
+            hostname="mx.example", starttls=True, auth_mechanisms=("PLAIN", "LOGIN")
+        )
+    )
+    setup = SessionSetup(pair.client, sasl=LoginAuth(username="alice", password="pw"))
+    for _ in range(20):
+        if setup.done:
+            break
+        if setup.wants_tls:
+            pair.server.tls_established()
+            setup.tls_established()
+        out = setup.data_to_send()
+        if out:
+            pair.server.receive_data(out)
+        pair._drain_server()
+        setup.receive_data(pair.server.data_to_send())
+    assert setup.result.ok, setup.result
+    assert pair.server.tls_active and pair.server.authenticated_as == "alice"
