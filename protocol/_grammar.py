@@ -152,7 +152,13 @@ def is_valid_domain(domain: str, *, utf8: bool = True) -> bool:
 
 
 def split_mailbox(address: str) -> tuple[str, str]:
-    """Split ``local@domain`` at the last ``@`` (a quoted local part may contain ``@``)."""
+    """Split ``local@domain``: at the last ``@`` (a quoted local part may contain ``@``), or,
+    for an address literal (whose General-address-literal may itself contain ``@``), at the
+    ``@`` that opens the literal."""
+    if address.endswith("]"):
+        at = address.rfind("@[")
+        if at >= 0:
+            return address[:at], address[at + 1 :]
     local, _, domain = address.rpartition("@")
     return local, domain
 

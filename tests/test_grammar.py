@@ -78,3 +78,9 @@ def test_xtext_known_values() -> None:
 @given(st.text(max_size=50))
 def test_xtext_round_trips(text: str) -> None:
     assert xtext_decode(xtext_encode(text)) == text
+
+
+def test_split_mailbox_with_at_inside_an_address_literal() -> None:
+    assert split_mailbox("user@[x-tag:a@b]") == ("user", "[x-tag:a@b]")
+    assert split_mailbox('"a@[b"@[192.0.2.1]') == ('"a@[b"', "[192.0.2.1]")
+    assert split_mailbox("user@example.com") == ("user", "example.com")
