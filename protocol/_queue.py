@@ -766,7 +766,7 @@ class Scheduler:
             job.failures += 1
             # next_retry_time(), with the delays precomputed
             expiry = msg.message.arrival + self.policy.lifetime
-            if True:
+            if now < expiry:
                 f = job.failures
                 if f < len(self._delays) and not jitter:
                     delay = self._delays[f]
