@@ -97,8 +97,13 @@ class Peers:
     ports: dict[str, int] = field(default_factory=dict)
     tmpdirs: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)
 
-    def start(self, name: str, spool_dir: str | None = None) -> int:
+    def start(
+        self, name: str, spool_dir: str | None = None, env: dict[str, str] | None = None
+    ) -> int:
         """Start server ``name`` (one of NAMES) and return its port.
+
+        ``mailwire-asyncio-uvloop`` runs under ``python -O``: the asyncio adapter asserts
+        ``isinstance(transport, asyncio.Transport)``, which uvloop's transports are not.
 
         Raises:
             RuntimeError: it did not come up.
@@ -116,11 +121,16 @@ class Peers:
                 tmp = tempfile.TemporaryDirectory(prefix="mailwire-bench-spool-")
                 self.tmpdirs.append(tmp)
                 spool_dir = tmp.name
-            cmd = [sys.executable, os.path.abspath(__file__), "serve", name]
+            flags = ["-O"] if name.endswith("uvloop") else []
+            cmd = [sys.executable, *flags, os.path.abspath(__file__), "serve", name]
             if spool_dir is not None:
                 cmd.append(spool_dir)
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=None if env is None else {**os.environ, **env},
             )
             assert proc.stdout is not None
             line = proc.stdout.readline()
@@ -157,6 +167,18 @@ class Peers:
     def pid(self, name: str) -> int:
         """The process id of a started server (for profilers)."""
         return self.procs[name].pid
+
+    def cpu_seconds(self, name: str) -> float:
+        """User + system CPU time the server process (all its threads) has used so far."""
+        user, system = self.cpu_split(name)
+        return user + system
+
+    def cpu_split(self, name: str) -> tuple[float, float]:
+        """(user, system) CPU seconds the server process has used so far (Linux /proc)."""
+        with open(f"/proc/{self.pid(name)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _free_port() -> int:
@@ -219,8 +241,45 @@ def _serve_aiosmtpd() -> None:
     asyncio.run(main())
 
 
+def _time_engine(path: str) -> None:
+    """Accumulate the wall time spent inside ServerConnection's entry points (the engine) and
+    write it to ``path`` at SIGTERM: engine vs adapter split for profiling."""
+    import json
+    from collections.abc import Callable
+    from typing import Any
+
+    from mailwire.protocol._server import ServerConnection
+
+    total = [0.0, 0]
+    clock = time.perf_counter
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total[0] += clock() - start
+                total[1] += 1
+
+        return timed
+
+    for attr in ("receive_data", "receive_eof", "next_event", "send", "data_to_send"):
+        setattr(ServerConnection, attr, wrap(getattr(ServerConnection, attr)))
+
+    def dump(*_: object) -> None:
+        with open(path, "w") as f:
+            json.dump({"engine_seconds": total[0], "calls": total[1]}, f)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, dump)
+
+
 def _serve_mailwire(name: str, spool_dir: str | None) -> None:
     import importlib
+
+    if os.environ.get("MAILWIRE_BENCH_ENGINE_TIMES"):
+        _time_engine(os.environ["MAILWIRE_BENCH_ENGINE_TIMES"])
 
     from mailwire.adapters._driver import Handler
     from mailwire.protocol import ServerConfig

@@ -56,9 +56,11 @@ def measure(
     repeat: int,
     scale: float,
     reuse: bool,
-) -> dict[tuple[str, str], float | str]:
-    """Median messages/s per (case label, server); a string when the server failed."""
+) -> tuple[dict[tuple[str, str], float | str], dict[tuple[str, str], float | str]]:
+    """Per (case label, server): median messages/s and median server CPU microseconds per
+    message (user + system, all threads of the server process); a string when it failed."""
     rates: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     failed: dict[tuple[str, str], str] = {}
     for _ in range(repeat):
         for label, size, sessions, messages in cases:
@@ -67,6 +69,7 @@ def measure(
                 key = (label, name)
                 if key in failed or name not in peers.ports:
                     continue
+                cpu = peers.cpu_seconds(name)
                 try:
                     seconds = smtp_source(
                         peers.ports[name], messages=n, size=size, sessions=sessions, reuse=reuse
@@ -75,10 +78,13 @@ def measure(
                     failed[key] = str(exc).splitlines()[0][:60]
                     continue
                 rates.setdefault(key, []).append(n / seconds)
-    out: dict[tuple[str, str], float | str] = dict(failed)
+                cpus.setdefault(key, []).append((peers.cpu_seconds(name) - cpu) / n * 1e6)
+    out_rates: dict[tuple[str, str], float | str] = dict(failed)
+    out_cpus: dict[tuple[str, str], float | str] = dict(failed)
     for key, values in rates.items():
-        out[key] = statistics.median(values)
-    return out
+        out_rates[key] = statistics.median(values)
+        out_cpus[key] = statistics.median(cpus[key])
+    return out_rates, out_cpus
 
 
 def ratio(a: float | str | None, b: float | str | None) -> str:
@@ -92,6 +98,7 @@ def table(
     cases: list[tuple[str, int, int, int]],
     results: dict[tuple[str, str], float | str],
     ratios: list[tuple[str, str, str]],
+    digits: int = 0,
 ) -> str:
     head = ["case"] + [SHORT[n] for n in names] + [r[0] for r in ratios]
     rows = [head]
@@ -99,7 +106,7 @@ def table(
         row = [label]
         for name in names:
             v = results.get((label, name))
-            row.append(f"{v:.0f}" if isinstance(v, float) else "failed" if v else "-")
+            row.append(f"{v:.{digits}f}" if isinstance(v, float) else "failed" if v else "-")
         for _, num, den in ratios:
             row.append(ratio(results.get((label, num)), results.get((label, den))))
         rows.append(row)
@@ -112,7 +119,7 @@ def table(
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     errors = [f"  {k[1]} on {k[0]}: {v}" for k, v in results.items() if isinstance(v, str)]
-    return "\n".join(lines + (["failures:"] + errors if errors else []))
+    return "\n".join(lines + (["failures:"] + errors if errors and not digits else []))
 
 
 def main() -> None:
@@ -144,7 +151,7 @@ def main() -> None:
         for name in names:
             peers.start(name)
         start = time.perf_counter()
-        results = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
+        results, cpu = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
         ratios = [
             ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
             ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
@@ -159,6 +166,9 @@ def main() -> None:
         print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
         print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB)\n")
         print(table(names, CASES, results, ratios))
+        print("\n## server CPU per message, microseconds (user + system; lower is better;")
+        print("## ratios are CPU-efficiency ratios: den/num, i.e. how many times cheaper)\n")
+        print(table(names, CASES, cpu, [(n, d, m) for n, m, d in ratios], digits=1))
         print(f"\n({time.perf_counter() - start:.0f} s)")
         peers.stop_all()
 
@@ -169,11 +179,13 @@ def main() -> None:
             for name in spool_names:
                 peers.start(name, os.path.join(tmp.name, name))
             start = time.perf_counter()
-            results = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
+            results, cpu = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
             print(
                 f"\n## durable spool, fsync on (file + directory, group commit), {spool_parent}\n"
             )
             print(table(spool_names, SPOOL_CASES, results, []))
+            print("\nserver CPU us/message:\n")
+            print(table(spool_names, SPOOL_CASES, cpu, [], digits=1))
             print(f"\n({time.perf_counter() - start:.0f} s)")
             peers.stop_all()
             tmp.cleanup()
