@@ -68,12 +68,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections import deque
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NoReturn, TypeAlias
 
-from mailwire.protocol._config import ClientConfig
+from mailwire.protocol._config import (
+    _MAIL_PARAM_ALLOWANCE,
+    MAX_AUTH_LINE,
+    MAX_COMMAND_LINE,
+    ClientConfig,
+)
 from mailwire.protocol._errors import LocalProtocolError, RemoteProtocolError
 from mailwire.protocol._events import (
     NEED_DATA,
@@ -101,7 +107,7 @@ from mailwire.protocol._events import (
     TLSEstablished,
     Vrfy,
 )
-from mailwire.protocol._grammar import GrammarError
+from mailwire.protocol._grammar import GrammarError, xtext_encode
 from mailwire.protocol._readers import parse_reply_line
 from mailwire.protocol._state import (
     SUCCESS_CLASS,
@@ -113,6 +119,11 @@ from mailwire.protocol._state import (
 from mailwire.protocol._writers import command_bytes
 
 S = SessionState
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_ENVID = 100  # RFC 3461 4.4: ENVID, xtext-encoded, at most 100 characters
+_MAX_ORCPT = 500  # RFC 3461 4.2: ORCPT, xtext-encoded, at most 500 characters
+#: Longest MAIL/RCPT line, CRLF included: RFC 5321 4.5.3.1.4 plus the extension allowances.
+_MAIL_LINE_LIMIT = MAX_COMMAND_LINE + _MAIL_PARAM_ALLOWANCE
 ClientInput: TypeAlias = Command | MessageData | EndOfMessage
 #: Commands that must end a pipelined group (RFC 2920 3.1), plus AUTH's continuation lines.
 _GROUP_ENDERS = (Ehlo, Helo, Lhlo, Data, Vrfy, Expn, Noop, Quit, Auth, AuthResponse, StartTLS)
@@ -714,6 +725,8 @@ class ClientConnection:
             self._send_end()
             return
         self._check_command(event)
+        line = command_bytes(event)
+        self._check_line(event, line)
         if not self._pending:
             self._timer_start = self._now
         match event:
@@ -725,7 +738,7 @@ class ClientConnection:
                 self._bdat_remaining = event.size
             case _:
                 pass
-        self._out.append(command_bytes(event))
+        self._out.append(line)
         self._pending.append(event)
         if isinstance(event, Bdat) or is_legal(self._predicted, type(event)):
             self._predicted = expected_success(self._predicted, event)
@@ -784,6 +797,21 @@ class ClientConnection:
             case _:
                 pass
 
+    @staticmethod
+    def _check_line(command: Command, line: bytes) -> None:
+        """RFC 5321 4.5.3.1.4: command lines of at most 512 octets, CRLF included; MAIL and
+        RCPT get the extensions' allowances, AUTH lines 12288 (RFC 4954 4)."""
+        if isinstance(command, (Auth, AuthResponse)):
+            limit = MAX_AUTH_LINE
+        elif isinstance(command, (MailFrom, RcptTo)):
+            limit = _MAIL_LINE_LIMIT
+        else:
+            limit = MAX_COMMAND_LINE
+        if len(line) > limit:
+            raise LocalProtocolError(
+                f"{type(command).__name__} line of {len(line)} octets exceeds {limit}"
+            )
+
     def _need(self, keyword: str, what: str) -> None:
         if keyword not in self._extensions:
             raise LocalProtocolError(f"{what} needs the {keyword} extension, not offered")
@@ -818,6 +846,12 @@ class ClientConnection:
             raise LocalProtocolError("a non-ASCII sender needs SMTPUTF8 (RFC 6531)")
         if mail.ret is not None or mail.envid is not None:
             self._need("DSN", "RET=/ENVID=")
+        if mail.envid is not None:
+            # RFC 3461 4.4: printable US-ASCII, at most 100 characters as xtext
+            if not mail.envid.isascii() or _CONTROL.search(mail.envid):
+                raise LocalProtocolError("ENVID must be printable US-ASCII (RFC 3461 4.4)")
+            if len(xtext_encode(mail.envid)) > _MAX_ENVID:
+                raise LocalProtocolError("ENVID longer than 100 characters (RFC 3461 4.4)")
         if mail.auth is not None:
             self._need("AUTH", "AUTH=")
 
@@ -827,6 +861,12 @@ class ClientConnection:
             raise LocalProtocolError("RCPT parameters need EHLO (ESMTP), not HELO")
         if rcpt.notify is not None or rcpt.orcpt is not None:
             self._need("DSN", "NOTIFY=/ORCPT=")
+        if rcpt.orcpt is not None:
+            kind, _, address = rcpt.orcpt.partition(";")
+            if _CONTROL.search(rcpt.orcpt) or not kind:
+                raise LocalProtocolError("ORCPT must be addr-type;address without controls")
+            if len(kind) + 1 + len(xtext_encode(address)) > _MAX_ORCPT:
+                raise LocalProtocolError("ORCPT longer than 500 characters (RFC 3461 4.2)")
         utf8 = self._sender is not None and self._sender.smtputf8
         if not utf8 and not rcpt.address.isascii():
             raise LocalProtocolError("a non-ASCII recipient needs MAIL ... SMTPUTF8 (RFC 6531)")

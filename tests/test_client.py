@@ -1015,3 +1015,22 @@ def test_hostile_server_bytes_raise_only_remote_protocol_error(wire: bytes, step
         events(conn)
     except RemoteProtocolError:
         assert state_of(conn) is S.ERROR
+
+
+def test_envid_and_orcpt_a_server_must_refuse_are_refused_up_front() -> None:
+    conn = greeted()
+    for envid in ("a\x01b", "\u00e9", "x" * 101, "+" * 34):  # "+" is "+2B" in xtext
+        with pytest.raises(LocalProtocolError, match="ENVID"):
+            conn.send(MailFrom(address="a@client.example", envid=envid))
+    conn.send(MailFrom(address="a@client.example", envid="x" * 100))
+    with pytest.raises(LocalProtocolError, match="ORCPT"):
+        conn.send(RcptTo(address="b@mx.example", orcpt="rfc822;" + "b" * 500))
+    with pytest.raises(LocalProtocolError, match="ORCPT"):
+        conn.send(RcptTo(address="b@mx.example", orcpt="rfc822;a\tb"))
+
+
+def test_command_lines_over_the_rfc_limit_are_refused() -> None:
+    conn = greeted()
+    with pytest.raises(LocalProtocolError, match="exceeds 512"):
+        conn.send(Ehlo(domain="x" * 600))
+    assert conn.data_to_send() == b"" and not conn.pending
