@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -67,14 +68,16 @@ def timed(run: Callable[[], object], times: list[float]) -> Callable[[], None]:
     return wrapper
 
 
-def report(benchmark: pytest.FixtureRequest, times: list[float]) -> None:
+def report(benchmark: Any, times: list[float]) -> None:
     pairs = ROUNDS_PAIRS / min(times)
-    benchmark.extra_info["pairs_per_s"] = round(pairs)  # type: ignore[attr-defined]
-    benchmark.extra_info["ops_per_s"] = round(2 * pairs)  # type: ignore[attr-defined]
+    benchmark.extra_info["pairs_per_s"] = round(pairs)
+    benchmark.extra_info["ops_per_s"] = round(2 * pairs)
     print(f"\n{ROUNDS_PAIRS} pairs (best round): {pairs:,.0f} pairs/s = {2 * pairs:,.0f} ops/s")
 
 
-def test_schedule_and_defer_on_100k_queue(benchmark, deferring) -> None:  # type: ignore[no-untyped-def]
+def test_schedule_and_defer_on_100k_queue(
+    benchmark: Any, deferring: tuple[Scheduler, Clock]
+) -> None:
     scheduler, clock = deferring
 
     def run() -> float:
@@ -98,7 +101,9 @@ def test_schedule_and_defer_on_100k_queue(benchmark, deferring) -> None:  # type
     assert scheduler.in_flight == 0
 
 
-def test_schedule_deliver_and_refill_on_100k_queue(benchmark, delivering) -> None:  # type: ignore[no-untyped-def]
+def test_schedule_deliver_and_refill_on_100k_queue(
+    benchmark: Any, delivering: tuple[Scheduler, Clock]
+) -> None:
     scheduler, clock = delivering
     counter = [QUEUED]
 

@@ -75,7 +75,6 @@ _NOTIFY_KEYWORD = {
     DSNAction.EXPANDED: "SUCCESS",
 }
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-_TYPED = re.compile(r"[^;\s]+;.*", re.DOTALL)
 
 
 def _typed(name: str, value: str | None) -> str | None:
@@ -84,7 +83,7 @@ def _typed(name: str, value: str | None) -> str | None:
         return None
     kind, sep, rest = value.partition(";")
     kind, rest = kind.strip(), rest.strip()
-    if not sep or not kind or any(c.isspace() for c in kind) or not _TYPED.fullmatch(value.strip()):
+    if not sep or not kind or any(c.isspace() for c in kind):
         raise ValueError(f"{name} must be 'type;value': {value!r}")
     if any(c in rest for c in "\r\n\x00"):
         raise ValueError(f"{name} must not contain CR, LF or NUL")
