@@ -708,7 +708,7 @@ class Scheduler:
             rep = replies.get(recipients[i].address, reply) if replies else reply
             if rep is None:
                 raise ValueError(f"no reply for recipient {recipients[i].address!r}")
-            if rep.code < 400 and not rep.is_positive:
+            if 300 <= rep.code < 400:
                 raise ValueError(f"not a final reply: {rep.code}")
             results.append(rep)
         if replies:
