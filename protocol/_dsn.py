@@ -319,7 +319,7 @@ _SUBJECTS = {
 _EXPLAIN = {
     DSNAction.FAILED: (
         "Your message could not be delivered to one or more recipients.\r\n"
-        "It is attached below.  The mail system gave up on:"
+        "The mail system gave up on:"
     ),
     DSNAction.DELAYED: (
         "Your message could not be delivered yet to one or more recipients.\r\n"
