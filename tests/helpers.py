@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mailwire.protocol._client import ClientConnection
 from mailwire.protocol._config import ClientConfig, ServerConfig
+from mailwire.protocol._errors import RemoteProtocolError
 from mailwire.protocol._events import (
     NEED_DATA,
     PAUSED,
@@ -81,6 +82,8 @@ class ConnectionPair:
         split: cuts each transfer into chunks.
         sent: what the client application sent (commands, MessageData, EndOfMessage).
         server_events: every event the server yielded.
+        server_error: the RemoteProtocolError the server raised, if any (its reply hint is
+            delivered to the client, which then sees the connection close).
         client_events: every event the client yielded.
         replies_sent: every reply the server application sent.
     """
@@ -95,6 +98,7 @@ class ConnectionPair:
     sent: list[object] = field(default_factory=list, init=False)
     server_events: list[ServerEvent] = field(default_factory=list, init=False)
     client_events: list[ClientEvent] = field(default_factory=list, init=False)
+    server_error: RemoteProtocolError | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.client = ClientConnection(self.client_config, now=0.0)
@@ -133,7 +137,14 @@ class ConnectionPair:
     def _drain_server(self) -> None:
         server = self.server
         while True:
-            event = server.next_event()
+            try:
+                event = server.next_event()
+            except RemoteProtocolError as exc:
+                # The adapter's part: the hint is already queued; send it, then close.
+                self.server_error = exc
+                self.client.receive_data(server.data_to_send())
+                self.client.receive_eof()
+                return
             if event is NEED_DATA:
                 return
             if event is PAUSED:

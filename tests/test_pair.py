@@ -400,6 +400,9 @@ class PairMachine(RuleBasedStateMachine):
         pair = self.pair
         if pair.server.owes_reply:
             return
+        if pair.server_error is not None:  # the server gave up on us (too many 503s)
+            assert pair.server.state is S.ERROR and pair.client.state in (S.CLOSED, S.ERROR)
+            return
         assert pair.client.state is pair.server.state
         assert not pair.client.pending or pair.client.state is S.CLOSED
 
