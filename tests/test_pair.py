@@ -431,7 +431,7 @@ class PairMachine(RuleBasedStateMachine):
         assert got == expected[: len(got)] or got[: len(expected)] == expected, (got, expected)
 
 
-PairMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+PairMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 test_pair_machine = PairMachine.TestCase
 
 
