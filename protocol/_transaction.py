@@ -332,13 +332,7 @@ class MailTransaction:
         """Send queued commands: all at once when pipelining, else one per reply."""
         conn = self.conn
         while self._queue and (self._pipelining or not conn.pending):
-            command = self._queue[0]
-            if isinstance(command, Data) and not self._pipelining and not self._any_accepted():
-                self._queue.clear()
-                self._reset()
-                return
-            self._queue.popleft()
-            conn.send(command, now=self._now)
+            conn.send(self._queue.popleft(), now=self._now)
 
     def _any_accepted(self) -> bool:
         return any(r is not None and r.is_positive for r in self._rcpt_replies)
