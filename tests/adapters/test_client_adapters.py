@@ -407,3 +407,41 @@ def test_prepare_uses_resent_headers_for_a_resend() -> None:
     assert [r.address for r in p.recipients] == ["new@example.net", "hidden@example.net"]
     assert b"hidden@example.net" not in p.content
     assert b"\r\n" in p.content and b"\n" not in p.content.replace(b"\r\n", b"")
+
+
+@pytest.mark.parametrize("use_bdat", [True, False])
+def test_against_mailwire_server_with_pipelining_and_chunking(
+    runtime: str,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    use_bdat: bool,
+) -> None:
+    from mailwire.adapters._driver import MessageHandler
+    from mailwire.adapters.threads import Controller as ThreadsController
+    from mailwire.protocol import ServerConfig
+
+    received: list[tuple[bytes, Any]] = []
+    handler = MessageHandler(lambda data, env: received.append((data, env)))
+    config = ServerConfig(
+        hostname="mx.test", starttls=True, chunking=use_bdat, binarymime=use_bdat, dsn=True
+    )
+    with ThreadsController(handler, config, tls_context=server_context) as ctl:
+        host, port = ctl.addresses[0]
+        msg = message()
+        msg.set_content("x" * 200_000 + "\n.dot\n")  # several BDAT chunks
+        result = send(
+            runtime,
+            msg,
+            host=host,
+            port=port,
+            tls_context=client_context,
+            sender=MailFrom(address="alice@example.org", ret="HDRS", envid="id1"),
+            recipients=[RcptTo(address="bob@example.net", notify=("FAILURE",)), "c@example.net"],
+        )
+    assert result.ok
+    ((data, env),) = received
+    assert env.sender.ret == "HDRS" and env.sender.envid == "id1"
+    assert env.sender.size == len(data)
+    assert env.recipients[0].notify == ("FAILURE",)
+    assert data.endswith(b"\r\n.dot\r\n")
+    assert data == prepare(msg).content
