@@ -45,6 +45,15 @@ def trusted(cls: type[_E], **fields: object) -> _E:
 def _check_text(name: str, value: str) -> None:
     if _BAD_CHARS.search(value):
         raise LocalProtocolError(f"{name} must not contain CR, LF or NUL: {value!r}")
+    _check_encodable(name, value)
+
+
+def _check_encodable(name: str, value: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LocalProtocolError(f"{name} is not valid Unicode: {value!r}") from None
 
 
 def _check_extra(extra: tuple[tuple[str, str | None], ...]) -> None:
@@ -363,6 +372,7 @@ class Reply:
             raise LocalProtocolError(f"bad reply code {self.code!r}")
         if "\r" in self.text or "\x00" in self.text:
             raise LocalProtocolError(f"reply text must not contain CR or NUL: {self.text!r}")
+        _check_encodable("reply text", self.text)
 
     @property
     def lines(self) -> list[str]:

@@ -39,7 +39,7 @@ class GrammarError(ValueError):
         self.text = text
 
 
-_UTF8_NON_ASCII = "\u0080-\U0010ffff"
+_UTF8_NON_ASCII = "\u0080-\ud7ff\ue000-\U0010ffff"  # no lone surrogates
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 
 

@@ -50,7 +50,7 @@ from mailwire.protocol._grammar import GrammarError, parse_params, parse_path, x
 
 _PATH_TOKEN = re.compile(r'<(?:[^<>"]|"(?:[^"\\]|\\.)*")*>')
 _BDAT = re.compile(r"(\d{1,19})(?: +(LAST))? *", re.IGNORECASE | re.ASCII)
-_TOKEN = re.compile(r"[\x21-\x7e\u0080-\U0010ffff]+")
+_TOKEN = re.compile(r"[\x21-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_ENVID = 100  # RFC 3461 4.4
 _MAX_ORCPT = 500  # RFC 3461 4.2

@@ -72,3 +72,17 @@ def test_reply_equality_ignores_the_command() -> None:
 )  # fmt: skip
 def test_command_wire_format(command: object, wire: bytes) -> None:
     assert command_bytes(command) == wire  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Reply(code=250, text="\udcff"),
+        lambda: Vrfy(argument="\ud800x"),
+        lambda: MailFrom(address="\udcff@example.org"),
+        lambda: Ehlo(domain="\udcff"),
+    ],
+)
+def test_lone_surrogates_are_refused_by_constructors(build: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()  # type: ignore[operator]
