@@ -721,7 +721,8 @@ class Scheduler:
         d = job.dest
         d.active -= 1
         if connection_failed:
-            if job.epoch == d.failures:  # not already counted by a parallel delivery
+            # a parallel delivery that started at the same failure count already counted it
+            if job.epoch >= d.failures:
                 d.failures += 1
                 d.not_before = now + retry_delay(d.failures, self.policy, jitter=jitter)
         else:
@@ -862,7 +863,8 @@ class Scheduler:
                 self._refresh(job.dest)
 
     def flush(self, queue_id: str, *, now: float) -> None:
-        """Make a message's waiting deliveries due at ``now`` (a held message stays held).
+        """Make a message's waiting deliveries due at ``now`` (a held message stays held; a
+        destination's back-off and concurrency limit still apply: see :meth:`flush_all`).
 
         Raises:
             KeyError: if the message is not queued.

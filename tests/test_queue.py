@@ -546,7 +546,9 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1, 5))
     def pop(self, limit: int) -> None:
+        before = {x.destination: x for x in self.s.destinations()}
         for d in self.s.pop_due(self.now, limit=limit):
+            assert before[d.destination].not_before <= self.now  # destination back-off
             assert d.lease not in self.leases
             assert d.message.queue_id not in self.held
             assert self.due[(d.message.queue_id, d.destination)] <= self.now
@@ -699,3 +701,15 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None
 )
 TestScheduler = SchedulerMachine.TestCase
+
+
+def test_failure_of_a_probe_after_flush_all_counts_again() -> None:
+    s = Scheduler()
+    for i in range(3):
+        s.add(msg(f"q{i}", "a@flaky.example"))
+    s.complete(one(s, 0.0), now=0.0, reply=REFUSED, connection_failed=True)
+    probe = one(s, 300.0)  # started while the destination was failing
+    s.flush_all(now=300.0)  # the operator lifts the back-off meanwhile
+    s.complete(probe, now=301.0, reply=REFUSED, connection_failed=True)
+    (state,) = s.destinations()
+    assert state.failures == 1 and state.not_before == 601.0
