@@ -20,6 +20,9 @@
 #   specified FULL" for messages above an implementation limit (`max_full_size`).
 # * ENVID (RFC 3461 4.4) comes back as Original-Envelope-Id, ORCPT (4.2) as
 #   Original-Recipient.
+# * UTF-8 (SMTPUTF8) addresses or diagnostics make the report part
+#   message/global-delivery-status (RFC 6533 3), and a returned message with non-ASCII
+#   headers message/global or message/global-headers (RFC 6532 3.7, RFC 6533 3).
 #
 # The message is RFC 3464 2 / RFC 6522 multipart/report; report-type=delivery-status: a
 # human-readable text/plain part, a message/delivery-status part (one group of per-message
@@ -417,15 +420,23 @@ def render_dsn(
     ]
     out = bytearray(("\r\n".join(head) + "\r\n").encode("utf-8"))
     out += human
+    # RFC 6533 3: UTF-8 addresses need message/global-delivery-status (and RFC 6532 3.7
+    # message/global for a returned message whose headers are not ASCII)
+    status_type = (
+        "message/delivery-status" if status_part.isascii() else ("message/global-delivery-status")
+    )
     out += (
         f"\r\n--{boundary}\r\n"
         "Content-Description: Delivery report\r\n"
-        f"Content-Type: message/delivery-status\r\n"
+        f"Content-Type: {status_type}\r\n"
         f"Content-Transfer-Encoding: {'7bit' if status_part.isascii() else '8bit'}\r\n\r\n"
     ).encode("ascii")
     out += status_part
     if original is not None:
-        ctype = "text/rfc822-headers" if headers_only else "message/rfc822"
+        if header_block(original).isascii():
+            ctype = "text/rfc822-headers" if headers_only else "message/rfc822"
+        else:
+            ctype = "message/global-headers" if headers_only else "message/global"
         desc = "Undelivered Message Headers" if headers_only else "Undelivered Message"
         if kind is DSNAction.DELIVERED:
             desc = "Delivered Message Headers"

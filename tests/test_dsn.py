@@ -490,7 +490,12 @@ def test_dsn_round_trip_and_selection(
         assert (r.will_retry_until is not None) == (r.action is DSNAction.DELAYED)
     # the stdlib reads the same structure
     parts = list(stdlib(dsn.content).iter_parts())
-    assert [p.get_content_type() for p in parts][:2] == ["text/plain", "message/delivery-status"]
+    status_type = (
+        "message/delivery-status"
+        if render_delivery_status(dsn.report).isascii()
+        else "message/global-delivery-status"  # RFC 6533
+    )
+    assert [p.get_content_type() for p in parts][:2] == ["text/plain", status_type]
 
 
 @settings(max_examples=300, deadline=None)
@@ -550,3 +555,16 @@ def test_bounce_from_a_scheduler_completion() -> None:
     )
     failed = RecipientState(recipient=b.recipients[0], status=RecipientStatus.FAILED, reply=NO)
     assert build_dsn(b, [failed], hostname="mx.example", now=T0, original=dsn.content) is None
+
+
+def test_utf8_addresses_use_the_global_types_of_rfc6533() -> None:
+    intl = state("björn@example.net", orcpt="utf-8;björn@example.net")
+    original = "Subject: grüße\r\n\r\nHallo\r\n".encode()
+    content = bounce(intl, original=original, ret="FULL")
+    assert b"Content-Type: message/global-delivery-status\r\n" in content
+    assert b"Content-Type: message/global\r\n" in content
+    (r,) = parse_dsn(content).recipients
+    assert r.final_recipient == "rfc822;björn@example.net"
+    assert r.original_recipient == "utf-8;björn@example.net"
+    ascii_content = bounce(state(), ret="FULL")
+    assert b"message/global" not in ascii_content
