@@ -230,6 +230,7 @@ def dsn_recipient(state: RecipientState, *, will_retry_until: float | None = Non
         ``smtp;<reply>``, Last-Attempt-Date, Will-Retry-Until.
     """
     action = _action_of(state)
+    address = state.recipient.address
     reply = state.reply
     diagnostic = None
     if reply is not None:
@@ -237,7 +238,8 @@ def dsn_recipient(state: RecipientState, *, will_retry_until: float | None = Non
             line.strip() for line in reply.text.split("\n") if line.strip()
         )
     return DSNRecipient(
-        final_recipient=f"rfc822;{state.recipient.address}",
+        # RFC 6533 3: a non-ASCII address is of type utf-8, not rfc822
+        final_recipient=f"{'rfc822' if address.isascii() else 'utf-8'};{address}",
         action=action,
         status=_status_of(state),
         original_recipient=state.recipient.orcpt,

@@ -564,7 +564,7 @@ def test_utf8_addresses_use_the_global_types_of_rfc6533() -> None:
     assert b"Content-Type: message/global-delivery-status\r\n" in content
     assert b"Content-Type: message/global\r\n" in content
     (r,) = parse_dsn(content).recipients
-    assert r.final_recipient == "rfc822;björn@example.net"
+    assert r.final_recipient == "utf-8;björn@example.net"
     assert r.original_recipient == "utf-8;björn@example.net"
     ascii_content = bounce(state(), ret="FULL")
     assert b"message/global" not in ascii_content
