@@ -1,0 +1,524 @@
+# The delivery agent's runtime-free half: one SMTP session toward one target as an I/O-free
+# job, the translation of that session into the DeliveryWalk's outcomes, and the small pieces
+# that turn queue records, walk results and completions into the next thing to store or send.
+#
+# Strategy.  Every protocol decision already lives in the pure core:
+#   * protocol/_routing.py + _dnsquery.py decide where a recipient goes (local, which MX
+#     hosts in which order, null MX, NXDOMAIN ...) and DeliveryWalk decides, outcome by
+#     outcome, which recipient is final and when the next target gets the rest;
+#   * protocol/_transaction.py's SessionSetup and MailTransaction speak SMTP;
+#   * protocol/_queue.py's Scheduler decides when to try again and when to give up;
+#   * protocol/_dsn.py writes the bounce.
+# This module only connects them.  DeliverySession chains SessionSetup, a MailTransaction
+# whose envelope is fitted to what the server offers, and QUIT, behind the loop every runtime
+# runs (see adapters/_delivery_anyio.py):
+#
+#     job = DeliverySession(walk, ...)
+#     while True:
+#         while out := job.data_to_send(): write(out)  # content comes out chunk by chunk
+#         if job.done: break
+#         if job.wants_tls: handshake(); job.tls_established(); continue
+#         data = read(timeout=job.wait_time(now))    # timeout -> job.check_timeout(now)
+#         job.receive_data(data, now=now) if data else job.receive_eof()
+#     job.feed_walk()                                  # the walk learns what happened
+#
+# and a connection that cannot be made is ConnectFailed fed to the walk directly.
+#
+# The envelope sent to the next hop (RFC 3461 4, RFC 6152, RFC 6531, RFC 1870):
+#   * SIZE= is declared when the server offers SIZE;
+#   * BODY=8BITMIME is kept only when the server offers 8BITMIME (Postfix's behaviour: the
+#     content is sent as it is otherwise);
+#   * SMTPUTF8: "If the SMTPUTF8 extension is not offered ... the message MUST NOT be
+#     transmitted" unchanged (RFC 6531 3.2): the recipients fail with 553 5.6.7;
+#   * RET/ENVID and NOTIFY/ORCPT go out only when the server offers DSN (RFC 3461 4: the
+#     parameters are relayed to a DSN-capable server, dropped otherwise).
+#
+# Opportunistic STARTTLS (RFC 3207, RFC 7435): used whenever the server offers it, without
+# certificate verification (an MX host name comes from unauthenticated DNS, so verifying it
+# proves nothing without DANE or MTA-STS; encryption still defeats passive eavesdropping).
+#
+# The classic duplicate (RFC 1047, RFC 5321 6.1): when the connection breaks after the final
+# dot and before the reply, the message may or may not have been taken; the agent cannot know
+# and must not lose it, so the recipients stay queued (ConnectionLost) and are tried again.
+from __future__ import annotations
+
+import enum
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mailwire.protocol._client import ClientConnection
+from mailwire.protocol._config import ClientConfig
+from mailwire.protocol._dsn import DSNMessage, build_dsn
+from mailwire.protocol._errors import LocalProtocolError, RemoteProtocolError
+from mailwire.protocol._events import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Reply,
+)
+from mailwire.protocol._queue import (
+    Completion,
+    Delivery,
+    QueuedMessage,
+    Recipient,
+    RetryPolicy,
+)
+from mailwire.protocol._routing import (
+    ConnectionLost,
+    DeliveryWalk,
+    MessageReply,
+    RecipientReply,
+    RecipientResult,
+    RecipientStatus,
+    RoutingConfig,
+    SessionReply,
+    Stage,
+    Target,
+)
+from mailwire.protocol._transaction import MailTransaction, SessionSetup
+
+Nameservers = Sequence[tuple[str, int]]
+
+
+class TLSPolicy(enum.Enum):
+    """Outbound STARTTLS."""
+
+    OPPORTUNISTIC = "opportunistic"  #: STARTTLS when offered, no certificate check
+    NONE = "none"  #: never
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    """How the delivery agent delivers.
+
+    Attributes:
+        hostname: this MTA's name: the EHLO argument, and the Reporting-MTA of bounces.
+        routing: routing tables; ``routing.smtp_port`` is the delivery port (25 by default).
+        nameservers: (address, port) pairs to ask (None: the system resolver configuration).
+        retry: the retry policy of the queue.
+        tls: outbound STARTTLS policy.
+        connect_timeout: seconds to wait for a TCP connection.
+        reply_timeout: seconds to wait for any single reply (the engine's RFC 5321 4.5.3.2
+            timeouts apply too).
+        dns_timeout: seconds per DNS server; dns_lifetime: per query in all.
+        max_connections: targets tried per attempt at most (None: all of them).
+        max_deliveries: deliveries in flight at once, all destinations together.
+        client: the client engine's configuration (None: derived from ``hostname``).
+    """
+
+    hostname: str = "localhost"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    nameservers: tuple[tuple[str, int], ...] | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
+    connect_timeout: float = 30.0
+    reply_timeout: float = 300.0
+    dns_timeout: float = 5.0
+    dns_lifetime: float = 15.0
+    max_connections: int | None = None
+    max_deliveries: int = 100
+    client: ClientConfig | None = None
+
+    def client_config(self) -> ClientConfig:
+        """The client engine configuration to use."""
+        return self.client or ClientConfig(local_hostname=self.hostname)
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """The SSLContext of opportunistic STARTTLS: encryption without authentication."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# --- one session toward one target ------------------------------------------------------------
+
+
+class DeliverySession:
+    """One SMTP session with the walk's current target; no I/O (see the module comment).
+
+    Args:
+        walk: the delivery walk; its ``current`` target is the one connected to, and its
+            ``pending`` recipients are offered.
+        sender: the stored MAIL command (address, BODY, SMTPUTF8, RET, ENVID).
+        recipients: the queue records by address (for NOTIFY and ORCPT).
+        content: the message content (CRLF line endings, not dot-stuffed).
+        config: the client engine configuration.
+        starttls: None: STARTTLS when offered; False: never.
+        timeout: the longest wait for any single reply, seconds.
+        now: the current (monotonic) time.
+
+    Raises:
+        LocalProtocolError: the walk has no session in progress.
+    """
+
+    def __init__(
+        self,
+        walk: DeliveryWalk,
+        *,
+        sender: MailFrom,
+        recipients: Mapping[str, Recipient],
+        content: bytes,
+        config: ClientConfig,
+        starttls: bool | None,
+        timeout: float,
+        now: float,
+    ) -> None:
+        if walk.current is None:
+            raise LocalProtocolError("the walk has no session in progress")
+        self.walk = walk
+        self.target: Target = walk.current
+        self.conn = ClientConnection(config, now=now)
+        self.setup = SessionSetup(self.conn, starttls=starttls, now=now)
+        self.transaction: MailTransaction | None = None
+        self.offered = walk.pending
+        self.error: str | None = None
+        self.refusal: Reply | None = None  # our own refusal to send (SMTPUTF8)
+        self.done = False
+        self._sender = sender
+        self._recipients = recipients
+        self._content = content
+        self._timeout = timeout
+        self._now = now
+        self._last_progress = now
+        self._quitting = False
+
+    # -- what the runtime asks ------------------------------------------------------------------
+
+    @property
+    def wants_tls(self) -> bool:
+        """Do the STARTTLS handshake now, then call tls_established()."""
+        return not self.done and self.setup.wants_tls
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the server."""
+        if self.transaction is not None and not self.transaction.done:
+            out = self.transaction.data_to_send()
+        else:
+            out = self.conn.data_to_send()
+        if out:
+            self._last_progress = self._now
+        return out
+
+    def wait_time(self, now: float) -> float:
+        """Seconds to wait for input before check_timeout() is due."""
+        limit = self._last_progress + self._timeout
+        deadline = self.conn.deadline
+        if deadline is not None:
+            limit = min(limit, deadline)
+        return max(limit - now, 0.0)
+
+    # -- what the runtime reports --------------------------------------------------------------
+
+    def receive_data(self, data: bytes, *, now: float) -> None:
+        """Bytes read from the server."""
+        self._now = self._last_progress = now
+        try:
+            if self.transaction is not None and not self.transaction.done:
+                self.transaction.receive_data(data, now=now)
+            elif not self.setup.done:
+                self.setup.receive_data(data, now=now)
+            else:
+                self.conn.receive_data(data, now=now)
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol error from the server: {exc}")
+            return
+        self._advance()
+
+    def receive_eof(self) -> None:
+        """The server closed the connection."""
+        if self.transaction is not None and not self.transaction.done:
+            self.transaction.receive_eof()
+        elif not self.setup.done:
+            self.setup.receive_eof()
+        else:
+            self.conn.receive_eof()
+        self._advance()
+        if not self.done:
+            self._fail("connection closed by the server")
+
+    def tls_established(self) -> None:
+        """The STARTTLS handshake succeeded."""
+        self.setup.tls_established()
+        self._advance()
+
+    def check_timeout(self, now: float) -> bool:
+        """End the session if the server has been silent too long; True if it ended."""
+        self._now = now
+        if self.done:
+            return True
+        if now < self._last_progress + self._timeout and not self.conn.check_timeout(now):
+            return False
+        if self._quitting:
+            self.done = True  # the fate of the message was decided before QUIT
+        else:
+            self._fail("timeout waiting for the server")
+        return True
+
+    def connection_failed(self, reason: str) -> None:
+        """The connection broke (reset, TLS failure)."""
+        if self._quitting:
+            self.done = True
+        elif not self.done:
+            self._fail(f"connection failed: {reason}")
+
+    # -- the course of the session -------------------------------------------------------------
+
+    def _fail(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
+        self.done = True
+        self.conn.send_failed()
+
+    def _advance(self) -> None:
+        if self.done:
+            return
+        if self.transaction is None:
+            if not self.setup.done:
+                return
+            if not self.setup.result.ok:
+                self._quit()
+                return
+            if self._sender.smtputf8 and not self.conn.has_extension("SMTPUTF8"):
+                # RFC 6531 3.2: without SMTPUTF8 at the server the message MUST NOT go out as
+                # it is; "553 5.6.7" is the code RFC 6531 3.7.1 suggests for the refusal.
+                self.refusal = Reply(
+                    code=553, text=f"5.6.7 {self.target.host} does not support SMTPUTF8"
+                )
+                self._quit()
+                return
+            try:
+                self.transaction = MailTransaction(
+                    self.conn,
+                    sender=self._mail_from(),
+                    recipients=[self._rcpt_to(a) for a in self.offered],
+                    body=[self._content],
+                    now=self._now,
+                )
+            except LocalProtocolError as exc:
+                self.error = f"cannot send this message to this server: {exc}"
+                self._quit()
+                return
+        if not self.transaction.done:
+            return
+        if not self._quitting:
+            self._quit()
+            return
+        while True:  # waiting for the reply to QUIT
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if event is PAUSED or isinstance(event, (ConnectionClosed, Reply)):
+                self.done = True
+                return
+
+    def _mail_from(self) -> MailFrom:
+        stored, conn = self._sender, self.conn
+        dsn = conn.has_extension("DSN")
+        body = stored.body
+        if body is not None and not conn.has_extension(body):  # 8BITMIME / BINARYMIME
+            body = None
+        return MailFrom(
+            address=stored.address,
+            size=len(self._content) if conn.has_extension("SIZE") else None,
+            body=body,
+            smtputf8=stored.smtputf8,
+            ret=stored.ret if dsn else None,
+            envid=stored.envid if dsn else None,
+        )
+
+    def _rcpt_to(self, address: str) -> RcptTo:
+        rcpt = self._recipients.get(address)
+        if rcpt is None or not self.conn.has_extension("DSN"):
+            return RcptTo(address=address)
+        return RcptTo(address=address, notify=rcpt.notify, orcpt=rcpt.orcpt)
+
+    def _quit(self) -> None:
+        self._quitting = True
+        try:
+            self.conn.send(Quit(), now=self._now)
+        except LocalProtocolError:
+            self.done = True
+
+    # -- the outcome ---------------------------------------------------------------------------
+
+    def feed_walk(self) -> None:
+        """Tell the walk what this session decided (call once, when ``done``)."""
+        walk, setup = self.walk, self.setup.result
+        reason = self.error or "the session ended early"
+        if not setup.ok:
+            reply = setup.reply
+            if reply is not None and reply.code >= 400:
+                if setup.greeting is None or reply is setup.greeting:
+                    stage = Stage.GREETING
+                elif setup.hello is None:
+                    stage = Stage.HELLO
+                elif self.conn.tls_active or self.setup.wants_tls:
+                    stage = Stage.AUTH
+                else:
+                    stage = Stage.STARTTLS
+                walk.feed(SessionReply(stage=stage, reply=reply))
+            else:
+                walk.feed(ConnectionLost(reason=setup.error or reason))
+            return
+        if self.refusal is not None:
+            walk.feed(SessionReply(stage=Stage.MAIL, reply=self.refusal))
+            return
+        if self.transaction is None:
+            walk.feed(ConnectionLost(reason=reason))
+            return
+        result = self.transaction.result
+        reason = self.error or result.error or reason
+        if result.mail is None:
+            walk.feed(ConnectionLost(reason=reason))
+            return
+        if not result.mail.is_positive:
+            walk.feed(SessionReply(stage=Stage.MAIL, reply=result.mail))
+            return
+        for rcpt in result.recipients:
+            if walk.current is None:
+                return  # a 421 ended the session
+            if rcpt.reply is None:
+                walk.feed(ConnectionLost(reason=reason))
+                return
+            walk.feed(RecipientReply(recipient=rcpt.command.address, reply=rcpt.reply))
+        if walk.current is None or not walk.accepted:
+            return
+        if self.conn.config.lmtp:
+            for rcpt in result.recipients:
+                if walk.current is None:
+                    return
+                if rcpt.accepted:
+                    if rcpt.final is None:
+                        walk.feed(ConnectionLost(reason=reason))
+                        return
+                    walk.feed(MessageReply(reply=rcpt.final, recipient=rcpt.command.address))
+            return
+        if result.data is None or result.data.code < 200 or result.data.code == 354:
+            # RFC 5321 6.1: no reply after the data -- perhaps delivered, perhaps not; the
+            # message must not be lost, so it stays queued (a duplicate is the lesser harm).
+            walk.feed(ConnectionLost(reason=reason))
+            return
+        walk.feed(MessageReply(reply=result.data))
+
+
+# --- from walk results to scheduler input -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptReport:
+    """What one delivery attempt tells the Scheduler.
+
+    Attributes:
+        replies: the deciding reply per recipient address.
+        remote_mta: the host that gave the replies (for DSNs), if any did.
+        connection_failed: no host could be talked to at all (the destination backs off).
+    """
+
+    replies: dict[str, Reply]
+    remote_mta: str | None = None
+    connection_failed: bool = False
+
+
+def report_from_results(results: Sequence[RecipientResult]) -> AttemptReport:
+    """Fold DeliveryWalk results (of one or more routes) into scheduler input.
+
+    ``connection_failed`` is True when every recipient was deferred without any target
+    giving it a reply: the whole destination was unreachable (or its DNS failed), so the
+    Scheduler backs the destination off instead of each message on its own.
+    """
+    replies = {r.recipient: r.reply for r in results}
+    hosts = [r.target.host for r in results if r.target is not None]
+    failed = bool(results) and all(
+        r.status is RecipientStatus.DEFERRED and r.target is None for r in results
+    )
+    return AttemptReport(
+        replies=replies, remote_mta=hosts[0] if hosts else None, connection_failed=failed
+    )
+
+
+def queued_message(
+    queue_id: str,
+    *,
+    sender: MailFrom,
+    recipients: Sequence[RcptTo],
+    arrival: float,
+    size: int,
+) -> QueuedMessage:
+    """The queue record of a stored message (duplicate recipient addresses kept once)."""
+    seen: dict[str, Recipient] = {}
+    for rcpt in recipients:
+        seen.setdefault(rcpt.address, Recipient.from_rcpt(rcpt))
+    return QueuedMessage(
+        queue_id=queue_id,
+        sender=sender.address,
+        recipients=tuple(seen.values()),
+        arrival=arrival,
+        size=size,
+        envid=sender.envid,
+        ret=sender.ret,
+    )
+
+
+def notifications(
+    completion: Completion,
+    message: QueuedMessage,
+    *,
+    hostname: str,
+    now: float,
+    content: bytes | None,
+    policy: RetryPolicy,
+) -> list[DSNMessage]:
+    """The DSNs one completed attempt owes the sender: a bounce for the recipients that
+    failed in it, and a delay notice when the Scheduler says it is time for one.  Empty for a
+    null sender (RFC 5321 6.1: never a bounce for a bounce) and as NOTIFY says.
+
+    Args:
+        completion: from Scheduler.complete.
+        message: the queued message.
+        hostname: the Reporting-MTA.
+        now: the time of the notification.
+        content: the original content (returned as RET says), or None.
+        policy: the retry policy (for Will-Retry-Until).
+    """
+    out: list[DSNMessage] = []
+    if completion.failed:
+        dsn = build_dsn(message, completion.failed, hostname=hostname, now=now, original=content)
+        if dsn is not None:
+            out.append(dsn)
+    if completion.delay_warning and completion.deferred:
+        dsn = build_dsn(
+            message,
+            completion.deferred,
+            hostname=hostname,
+            now=now,
+            original=content,
+            will_retry_until=message.arrival + policy.lifetime,
+        )
+        if dsn is not None:
+            out.append(dsn)
+    return out
+
+
+def delivery_recipients(delivery: Delivery) -> dict[str, Recipient]:
+    """The leased recipients by address."""
+    return {r.address: r for r in delivery.recipients}
+
+
+__all__ = [
+    "AttemptReport",
+    "DeliveryConfig",
+    "DeliverySession",
+    "Nameservers",
+    "TLSPolicy",
+    "delivery_recipients",
+    "notifications",
+    "opportunistic_context",
+    "queued_message",
+    "report_from_results",
+]

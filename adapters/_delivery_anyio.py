@@ -1,0 +1,447 @@
+# The delivery agent on anyio: one code path for asyncio and trio.
+#
+# The agent only moves data between the parts that decide (see adapters/_delivery.py):
+#
+#   Scheduler.pop_due(now)          what is due (per-destination limits and back-off applied)
+#     -> store.get(id)              the content, in a worker thread (blocking file I/O)
+#     -> group_recipients()         local vs remote, next hops
+#     -> RouteLookup + dnspython    the Route (resolve_route_async, adapters/_dns.py)
+#     -> DeliveryWalk + sessions    one DeliverySession per target until the walk is done;
+#                                   local routes go to the local delivery callable
+#     -> Scheduler.complete()       per-recipient replies, remote MTA, destination back-off
+#     -> notifications()            bounces/delay notices, stored and queued as new messages
+#                                   from <> to the sender (so they are retried like any mail)
+#     -> store.delete(id)           once the Scheduler says the message is finished
+#
+# Time.  The Scheduler runs on ``clock`` (wall-clock seconds by default, like the arrival
+# times in the spool); tests pass a fake clock and call run_once() to step it, so retries
+# and expiry are exercised without sleeping.  Network timeouts use the runtime's own clock.
+#
+# Concurrency.  Deliveries run in one task group, at most ``max_deliveries`` at a time; the
+# Scheduler enforces per-destination concurrency.  Every lease is completed exactly once, even
+# when a delivery crashes (its recipients are then deferred with 451 4.3.0), so no recipient is
+# ever lost or stuck.
+#
+# Restart.  start() queues every message the store holds (SpoolHandler's recovery already
+# removed unacknowledged leftovers).  The store keeps no per-recipient state yet, so a message
+# that was delivered to some recipients before a crash is delivered to them again (at least
+# once, never lost: RFC 5321 6.1 prefers a duplicate to a loss).
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.streams.tls
+
+from mailwire.adapters._delivery import (
+    DeliveryConfig,
+    DeliverySession,
+    TLSPolicy,
+    delivery_recipients,
+    notifications,
+    opportunistic_context,
+    queued_message,
+    report_from_results,
+)
+from mailwire.adapters._dns import make_async_resolver, resolve_route_async
+from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError
+from mailwire.protocol._dnsquery import RouteLookup
+from mailwire.protocol._dsn import DSNMessage
+from mailwire.protocol._events import MailFrom, RcptTo, Reply
+from mailwire.protocol._queue import Completion, Delivery, QueuedMessage, Recipient, Scheduler
+from mailwire.protocol._routing import (
+    ConnectFailed,
+    DeliveryWalk,
+    Route,
+    RouteKind,
+    group_recipients,
+)
+from mailwire.protocol._routing import RecipientResult as WalkResult
+from mailwire.protocol._routing import RecipientStatus as WalkStatus
+
+log = logging.getLogger("mailwire.adapters.delivery")
+
+LocalDeliver = Callable[[str, str, bytes], "Reply | None | Awaitable[Reply | None]"]
+"""Local delivery: ``fn(sender, recipient, content)`` -> Reply (None: delivered).  Sync
+callables run in a worker thread; async ones on the event loop."""
+
+READ_SIZE = 64 * 1024
+
+
+class DeliveryAgent:
+    """Takes due work from a Scheduler and delivers it (see the module comment).
+
+    Args:
+        store: the durable message store (shared with the server's SpoolHandler).
+        config: delivery settings (routing, port, nameservers, retry policy, timeouts).
+        local: local delivery for local domains, or None (local recipients are then
+            deferred with 451 4.3.0).
+        scheduler: the Scheduler (default: a new one with ``config.retry``).
+        clock: the Scheduler's clock, seconds.
+        rng: source of routing seeds.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        config: DeliveryConfig,
+        *,
+        local: LocalDeliver | None = None,
+        scheduler: Scheduler | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.local = local
+        self.scheduler = scheduler or Scheduler(config.retry)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.resolver = make_async_resolver(
+            config.nameservers, timeout=config.dns_timeout, lifetime=config.dns_lifetime
+        )
+        self.client_config = config.client_config()
+        self.tls_context = opportunistic_context()
+        self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
+        self._wake: anyio.Event | None = None
+
+    # --- feeding the queue --------------------------------------------------------------------
+
+    def enqueue(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        """Queue a message the store already holds (call on the agent's event loop)."""
+        if queue_id in self.scheduler:
+            return
+        message = queued_message(
+            queue_id,
+            sender=envelope.sender,
+            recipients=envelope.recipients,
+            arrival=envelope.arrival or self.clock(),
+            size=envelope.size,
+        )
+        self.scheduler.add(message, due=min(message.arrival, self.clock()))
+        log.info("%s: queued from=<%s> nrcpt=%d", queue_id, message.sender, len(message.recipients))
+        self.wake()
+
+    async def start(self) -> list[str]:
+        """Queue every message in the store (after a restart).  Returns their queue IDs."""
+        ids = await anyio.to_thread.run_sync(self.store.list)
+        for queue_id in ids:
+            try:
+                stored = await anyio.to_thread.run_sync(self.store.get, queue_id)
+            except SpoolError as exc:
+                log.error("%s: cannot read from the spool: %s", queue_id, exc)
+                continue
+            self.enqueue(queue_id, stored.envelope)
+        return ids
+
+    async def submit(self, sender: MailFrom, recipients: Sequence[RcptTo], content: bytes) -> str:
+        """Store a message durably and queue it (for embedding and bounces).
+
+        Returns:
+            The queue ID.
+        """
+        envelope = SpoolEnvelope(
+            sender=sender, recipients=tuple(recipients), arrival=self.clock(), size=len(content)
+        )
+        queue_id: str = await anyio.to_thread.run_sync(self.store.put, envelope, [content])
+        self.enqueue(queue_id, envelope)
+        return queue_id
+
+    def wake(self) -> None:
+        """Make a waiting run() look at the queue again (call on the agent's event loop)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- running ------------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Run every delivery due now (up to ``max_deliveries`` at a time) to completion,
+        including the deliveries that become due meanwhile at the same clock time (bounces).
+
+        Returns:
+            The number of deliveries run.
+        """
+        count = 0
+        limit = anyio.CapacityLimiter(self.config.max_deliveries)
+        while True:
+            due = self.scheduler.pop_due(self.clock())
+            if not due:
+                return count
+            count += len(due)
+            async with anyio.create_task_group() as group:
+                for delivery in due:
+                    group.start_soon(self._guarded, delivery, limit)
+
+    async def run(self, *, idle: float = 60.0) -> None:
+        """Deliver forever: run what is due, then sleep until the next due time, a wake(), or
+        ``idle`` seconds."""
+        while True:
+            self._wake = anyio.Event()
+            await self.run_once()
+            wakeup = self.scheduler.next_wakeup()
+            delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def _guarded(self, delivery: Delivery, limit: anyio.CapacityLimiter) -> None:
+        async with limit:
+            try:
+                await self.deliver(delivery)
+            except Exception as exc:  # never lose a lease: defer and log
+                log.exception("%s: delivery failed", delivery.message.queue_id)
+                reply = Reply(code=451, text=f"4.3.0 Local error in delivery: {exc!r}")
+                self._complete(delivery, {}, reply=reply, remote_mta=None, failed_conn=False)
+
+    # --- one delivery -------------------------------------------------------------------------
+
+    async def deliver(self, delivery: Delivery) -> Completion | None:
+        """Run one leased delivery and record its result.
+
+        Returns:
+            The Scheduler's Completion (None if the message was deleted meanwhile).
+        """
+        message = delivery.message
+        queue_id = message.queue_id
+        try:
+            stored = await anyio.to_thread.run_sync(self.store.get, queue_id)
+        except SpoolError as exc:
+            log.error("%s: cannot read from the spool: %s", queue_id, exc)
+            return self._complete(
+                delivery,
+                {},
+                reply=Reply(code=451, text="4.3.0 Queue file unreadable"),
+                remote_mta=None,
+                failed_conn=False,
+            )
+        content = stored.content
+        rcpts = delivery_recipients(delivery)
+        results: list[WalkResult] = []
+        for destination in group_recipients(rcpts, self.config.routing):
+            lookup = RouteLookup(
+                destination, config=self.config.routing, seed=self.rng.getrandbits(32)
+            )
+            route = lookup.result or await resolve_route_async(lookup, self.resolver)
+            for line in route.trace:
+                log.debug("%s: route %s: %s", queue_id, route.nexthop, line)
+            if route.kind is RouteKind.LOCAL:
+                results.extend(await self._deliver_local(route, message, content))
+            else:
+                results.extend(
+                    await self._walk(route, stored.envelope.sender, rcpts, content, queue_id)
+                )
+        report = report_from_results(results)
+        now = self.clock()
+        completion = self._complete(
+            delivery,
+            report.replies,
+            reply=None,
+            remote_mta=report.remote_mta,
+            failed_conn=report.connection_failed,
+        )
+        if completion is None:
+            return None
+        await self._after(completion, message, content, now)
+        return completion
+
+    def _complete(
+        self,
+        delivery: Delivery,
+        replies: dict[str, Reply],
+        *,
+        reply: Reply | None,
+        remote_mta: str | None,
+        failed_conn: bool,
+    ) -> Completion | None:
+        completion = self.scheduler.complete(
+            delivery,
+            now=self.clock(),
+            replies=replies or None,
+            reply=reply,
+            remote_mta=remote_mta,
+            connection_failed=failed_conn,
+        )
+        if completion is None:
+            return None
+        qid = completion.queue_id
+        for state in completion.delivered:
+            self.counters["delivered"] += 1
+            log.info(
+                "%s: to=<%s> relay=%s status=delivered (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "local",
+                _reply_text(state.reply),
+            )
+        for state in completion.failed:
+            self.counters["bounced"] += 1
+            log.info(
+                "%s: to=<%s> relay=%s status=bounced%s (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "none",
+                " (expired)" if state.expired else "",
+                _reply_text(state.reply),
+            )
+        for state in completion.deferred:
+            self.counters["deferred"] += 1
+            log.info(
+                "%s: to=<%s> relay=%s status=deferred (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "none",
+                _reply_text(state.reply),
+            )
+        return completion
+
+    async def _after(
+        self, completion: Completion, message: QueuedMessage, content: bytes, now: float
+    ) -> None:
+        for dsn in notifications(
+            completion,
+            message,
+            hostname=self.config.hostname,
+            now=now,
+            content=content,
+            policy=self.scheduler.policy,
+        ):
+            await self._queue_dsn(message.queue_id, dsn)
+        if completion.finished is not None:
+            try:
+                await anyio.to_thread.run_sync(self.store.delete, message.queue_id)
+            except SpoolError as exc:
+                log.warning("%s: could not remove from the spool: %s", message.queue_id, exc)
+            log.info("%s: removed", message.queue_id)
+
+    async def _queue_dsn(self, queue_id: str, dsn: DSNMessage) -> None:
+        # RFC 5321 6.1: the notification "MUST be sent using a null ("<>") reverse-path".
+        new_id = await self.submit(
+            MailFrom(address=dsn.sender), [RcptTo(address=dsn.recipient)], dsn.content
+        )
+        self.counters["dsn_sent"] += 1
+        log.info(
+            "%s: sender %s notification (%s) queued as %s",
+            queue_id,
+            dsn.kind.value,
+            dsn.recipient,
+            new_id,
+        )
+
+    async def _deliver_local(
+        self, route: Route, message: QueuedMessage, content: bytes
+    ) -> list[WalkResult]:
+        out = []
+        for rcpt in route.recipients:
+            if self.local is None:
+                reply: Reply | None = Reply(code=451, text="4.3.0 No local delivery configured")
+            else:
+                try:
+                    result: Any = self.local(message.sender, rcpt, content)
+                    if isinstance(result, Awaitable):
+                        reply = await result
+                    else:
+                        reply = result
+                except Exception as exc:  # the callable's failure: try again later
+                    log.exception("local delivery to %s failed", rcpt)
+                    reply = Reply(code=451, text=f"4.3.0 Local delivery failed: {exc!r}")
+            if reply is None:
+                reply = Reply(code=250, text="2.0.0 Delivered")
+            status = (
+                WalkStatus.DELIVERED
+                if reply.is_positive
+                else WalkStatus.FAILED
+                if reply.is_permanent
+                else WalkStatus.DEFERRED
+            )
+            out.append(WalkResult(recipient=rcpt, status=status, reply=reply))
+        return out
+
+    async def _walk(
+        self,
+        route: Route,
+        sender: MailFrom,
+        rcpts: dict[str, Recipient],
+        content: bytes,
+        queue_id: str,
+    ) -> list[WalkResult]:
+        walk = DeliveryWalk(route, max_connections=self.config.max_connections)
+        while (target := walk.next_target()) is not None:
+            try:
+                with anyio.fail_after(self.config.connect_timeout):
+                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                        str(target.address), target.port
+                    )
+            except (OSError, TimeoutError) as exc:
+                walk.feed(ConnectFailed(reason=_reason(exc)))
+                continue
+            session = DeliverySession(
+                walk,
+                sender=sender,
+                recipients=rcpts,
+                content=content,
+                config=self.client_config,
+                starttls=None if self.config.tls is TLSPolicy.OPPORTUNISTIC else False,
+                timeout=self.config.reply_timeout,
+                now=anyio.current_time(),
+            )
+            try:
+                stream = await self._converse(session, stream, target.host)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+            session.feed_walk()
+        for line in walk.trace:
+            log.debug("%s: walk: %s", queue_id, line)
+        return list(walk.results().values())
+
+    async def _converse(
+        self, session: DeliverySession, stream: anyio.abc.ByteStream, host: str
+    ) -> anyio.abc.ByteStream:
+        while True:
+            try:
+                while out := session.data_to_send():  # a body comes out chunk by chunk
+                    await stream.send(out)
+                if session.done:
+                    return stream
+                if session.wants_tls:
+                    stream = await anyio.streams.tls.TLSStream.wrap(
+                        stream,
+                        hostname=host,
+                        ssl_context=self.tls_context,
+                        standard_compatible=False,
+                    )
+                    session.tls_established()
+                    continue
+                wait = session.wait_time(anyio.current_time())
+                with anyio.move_on_after(wait) as scope:
+                    data = await stream.receive(READ_SIZE)
+                if scope.cancelled_caught:
+                    session.check_timeout(anyio.current_time())
+                    continue
+                session.receive_data(data, now=anyio.current_time())
+            except anyio.EndOfStream:
+                session.receive_eof()
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                session.connection_failed(_reason(exc))
+            if session.done:
+                return stream
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "connection timed out"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text
+
+
+def _reply_text(reply: Reply | None) -> str:
+    if reply is None:
+        return "no reply"
+    return f"{reply.code} " + " ".join(reply.text.split())
+
+
+__all__ = ["DeliveryAgent", "LocalDeliver"]

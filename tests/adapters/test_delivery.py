@@ -1,0 +1,749 @@
+"""The delivery agent over real parts: a real authoritative DNS server on loopback
+(tests/dnsserver.py), receiving SMTP servers (mailwire's own, threads runtime) on 127.0.0.x
+addresses sharing one port, the durable spool, and a fake scheduler clock (no sleeps: time
+is stepped and run_once() called)."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mailwire.adapters._delivery import (
+    DeliveryConfig,
+    DeliverySession,
+    TLSPolicy,
+    report_from_results,
+)
+from mailwire.adapters._delivery_anyio import DeliveryAgent
+from mailwire.adapters._driver import Handler, Session
+from mailwire.adapters._maildir import MaildirDelivery
+from mailwire.adapters._spool import DirectoryStore, SpoolEnvelope
+from mailwire.adapters.threads import Controller
+from mailwire.protocol._config import ClientConfig, ServerConfig
+from mailwire.protocol._dsn import DSNAction, parse_dsn
+from mailwire.protocol._events import MailFrom, RcptTo, Reply
+from mailwire.protocol._queue import RecipientStatus, RetryPolicy
+from mailwire.protocol._routing import (
+    AddressPreference,
+    DeliveryWalk,
+    Route,
+    RouteKind,
+    RoutingConfig,
+    Target,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dnsserver import DNSServer  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+
+SENDER = "alice@sender.test"
+ZONE = {
+    # primary down (nothing listens on .2), backup on .3
+    "backup.test": {"MX": ["10 mx1.backup.test.", "20 mx2.backup.test."]},
+    "mx1.backup.test": {"A": ["127.0.0.2"]},
+    "mx2.backup.test": {"A": ["127.0.0.3"]},
+    # primary answers 451 to MAIL (.4), backup on .3
+    "busy.test": {"MX": ["10 mx1.busy.test.", "20 mx2.busy.test."]},
+    "mx1.busy.test": {"A": ["127.0.0.4"]},
+    "mx2.busy.test": {"A": ["127.0.0.3"]},
+    # both down until a test starts .6
+    "down.test": {"MX": ["10 mx1.down.test.", "20 mx2.down.test."]},
+    "mx1.down.test": {"A": ["127.0.0.5"]},
+    "mx2.down.test": {"A": ["127.0.0.6"]},
+    # .3 refuses nobody@reject.test with 550
+    "reject.test": {"MX": ["10 mx.reject.test."]},
+    "mx.reject.test": {"A": ["127.0.0.3"]},
+    # the senders' domain: bounces go to .7
+    "sender.test": {"MX": ["10 mx.sender.test."]},
+    "mx.sender.test": {"A": ["127.0.0.7"]},
+    "nullmx.test": {"MX": ["0 ."]},
+    "implicit.test": {"A": ["127.0.0.3"]},
+    # drops the connection after the data (.8)
+    "drop.test": {"MX": ["10 mx.drop.test."]},
+    "mx.drop.test": {"A": ["127.0.0.8"]},
+}
+
+
+# --- receiving servers -------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+
+
+class Receiver(Handler):
+    """Records messages; replies as configured."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.mail_reply: Reply | None = None
+        self.rcpt_replies: dict[str, Reply] = {}
+        self.sessions = 0
+
+    def on_connect(self, session: Session) -> Reply | None:
+        self.sessions += 1
+        return None
+
+    def on_mail_from(self, session: Session, event: MailFrom) -> Reply | None:
+        return self.mail_reply
+
+    def on_rcpt_to(self, session: Session, event: RcptTo) -> Reply | None:
+        return self.rcpt_replies.get(event.address)
+
+    def on_message_start(self, session: Session) -> None:
+        session.extra["chunks"] = []
+
+    def on_message_data(self, session: Session, data: bytes) -> None:
+        chunks = session.extra["chunks"]
+        assert isinstance(chunks, list)
+        chunks.append(data)
+
+    def on_message_end(self, session: Session) -> Reply | None:
+        chunks = session.extra.pop("chunks")
+        assert isinstance(chunks, list)
+        env = session.envelope
+        assert env.sender is not None
+        self.messages.append(
+            Received(
+                sender=env.sender.address,
+                recipients=[r.address for r in env.recipients],
+                content=b"".join(chunks),
+            )
+        )
+        return None
+
+
+class DroppingServer(socketserver.ThreadingTCPServer):
+    """A bare SMTP server that takes the data and then closes without a reply (once
+    ``drop`` is cleared it answers 250 like any server)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.drop = True
+        self.received: list[bytes] = []
+        super().__init__(address, _DropHandler)
+
+
+class _DropHandler(socketserver.StreamRequestHandler):
+    server: DroppingServer
+
+    def handle(self) -> None:
+        w = self.wfile.write
+        w(b"220 drop.test ESMTP\r\n")
+        while line := self.rfile.readline():
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                w(b"250 drop.test\r\n")
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                w(b"250 ok\r\n")
+            elif verb == b"DATA":
+                w(b"354 go ahead\r\n")
+                data = b""
+                while not data.endswith(b"\r\n.\r\n"):
+                    chunk = self.rfile.readline()
+                    if not chunk:
+                        return
+                    data += chunk
+                self.server.received.append(data)
+                if self.server.drop:
+                    return  # the classic duplicate: data taken, no reply
+                w(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                w(b"221 bye\r\n")
+                return
+            else:
+                w(b"500 what\r\n")
+
+
+def _free_port(hosts: list[str]) -> int:
+    """A TCP port free on every one of ``hosts``."""
+    for _ in range(50):
+        probe = socket.socket()
+        probe.bind((hosts[0], 0))
+        port = int(probe.getsockname()[1])
+        probe.close()
+        ok = True
+        for host in hosts:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return port
+    raise OSError("no common free port")
+
+
+@dataclass
+class Net:
+    port: int
+    dns: DNSServer
+    receivers: dict[str, Receiver] = field(default_factory=dict)
+    controllers: list[Controller] = field(default_factory=list)
+
+    def start_receiver(self, host: str) -> Receiver:
+        receiver = Receiver()
+        controller = Controller(
+            receiver, ServerConfig(hostname=f"mx-{host}.test"), listen=[(host, self.port)]
+        )
+        controller.start()
+        self.receivers[host] = receiver
+        self.controllers.append(controller)
+        return receiver
+
+    def stop_receiver(self, host: str) -> None:
+        for c in self.controllers:
+            if c.listen[0][0] == host:
+                c.stop()
+                self.controllers.remove(c)
+                del self.receivers[host]
+                return
+
+    def reset(self) -> None:
+        for r in self.receivers.values():
+            r.messages.clear()
+            r.sessions = 0
+            r.mail_reply = None
+            r.rcpt_replies.clear()
+
+
+HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Net]:
+    port = _free_port(HOSTS)
+    with DNSServer(ZONE) as dns:
+        n = Net(port=port, dns=dns)
+        for host in ("127.0.0.3", "127.0.0.4", "127.0.0.7"):
+            n.start_receiver(host)
+        try:
+            yield n
+        finally:
+            for c in n.controllers:
+                c.stop()
+
+
+@pytest.fixture
+def mx(net: Net) -> Iterator[Net]:
+    net.reset()
+    net.receivers["127.0.0.4"].mail_reply = Reply(code=451, text="4.3.2 try later")
+    net.receivers["127.0.0.3"].rcpt_replies["nobody@reject.test"] = Reply(
+        code=550, text="5.1.1 no such user"
+    )
+    yield net
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class World:
+    agent: DeliveryAgent
+    clock: Clock
+    store: DirectoryStore
+    maildirs: Path
+    calls: list[tuple[str, str, bytes]]
+
+
+Body = Callable[[World], Awaitable[None]]
+
+
+def run(net: Net, tmp_path: Path, body: Body, *, backend: str = "asyncio", **kw: Any) -> None:
+    """Run ``body`` with a fresh agent and spool on ``backend``."""
+    clock = Clock()
+    calls: list[tuple[str, str, bytes]] = []
+    maildir = MaildirDelivery(tmp_path / "mail", fsync=False, hostname="mta.test")
+
+    def local(sender: str, rcpt: str, content: bytes) -> Reply | None:
+        if rcpt.endswith("@app.test"):
+            calls.append((sender, rcpt, content))
+            return None
+        return maildir(sender, rcpt, content)
+
+    routing = RoutingConfig(
+        hostname="mta.test",
+        local_domains=frozenset({"local.test", "app.test"}),
+        smtp_port=net.port,
+        address_preference=AddressPreference.PREFER_IPV4,
+    )
+    config = DeliveryConfig(
+        hostname="mta.test",
+        routing=routing,
+        nameservers=(net.dns.nameserver,),
+        retry=RetryPolicy(first_retry=60.0, jitter=0.0),
+        connect_timeout=5.0,
+        reply_timeout=5.0,
+        dns_timeout=1.0,
+        dns_lifetime=2.0,
+        **kw,
+    )
+    store = DirectoryStore(tmp_path / "spool", fsync=False)
+    try:
+        agent = DeliveryAgent(store, config, local=local, clock=clock)
+        world = World(agent, clock, store, tmp_path / "mail", calls)
+        anyio.run(body, world, backend=backend)
+    finally:
+        store.close()
+
+
+MESSAGE = (
+    b"From: alice@sender.test\r\nSubject: hello\r\nMessage-ID: <m1@sender.test>\r\n\r\nHi!\r\n"
+)
+
+
+async def submit(world: World, *rcpts: str, sender: str = SENDER, **rcpt_kw: Any) -> str:
+    return await world.agent.submit(
+        MailFrom(address=sender), [RcptTo(address=r, **rcpt_kw) for r in rcpts], MESSAGE
+    )
+
+
+def only(received: list[Received]) -> Received:
+    assert len(received) == 1, received
+    return received[0]
+
+
+def bounces(net: Net) -> list[Received]:
+    return [m for m in net.receivers["127.0.0.7"].messages if m.sender == ""]
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+def test_primary_mx_down_delivers_to_backup(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(w, "bob@backup.test")
+        assert await w.agent.run_once() == 1
+        got = only(mx.receivers["127.0.0.3"].messages)
+        assert got.recipients == ["bob@backup.test"]
+        assert got.sender == SENDER
+        assert got.content == MESSAGE
+        assert qid not in w.agent.scheduler
+        assert w.store.list() == []  # finished: removed from the spool
+
+    run(mx, tmp_path, body)
+
+
+def test_4xx_at_the_primary_moves_to_the_backup(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "carol@busy.test")
+        await w.agent.run_once()
+        assert mx.receivers["127.0.0.4"].sessions == 1  # tried, answered 451 to MAIL
+        assert mx.receivers["127.0.0.4"].messages == []
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["carol@busy.test"]
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body)
+
+
+def test_all_hosts_down_defers_then_delivers_after_they_come_back(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(w, "dave@down.test")
+        await w.agent.run_once()
+        (state,) = w.agent.scheduler.message(qid).recipients
+        assert state.status is RecipientStatus.DEFERRED
+        assert state.reply is not None and state.reply.code == 451
+        assert state.reply.enhanced == "4.4.1"  # no answer from host
+        assert w.store.list() == [qid]  # still owned by the queue
+        nxt = w.agent.scheduler.message(qid).next_attempt
+        assert nxt is not None and nxt > w.clock.now
+        # nothing is due before the retry time: no attempt
+        w.clock.now = nxt - 1
+        assert await w.agent.run_once() == 0
+        backup = mx.start_receiver("127.0.0.6")
+        w.clock.now = nxt
+        assert await w.agent.run_once() == 1
+        assert only(backup.messages).recipients == ["dave@down.test"]
+        assert qid not in w.agent.scheduler
+        assert w.store.list() == []
+        assert bounces(mx) == []
+
+    try:
+        run(mx, tmp_path, body)
+    finally:
+        mx.stop_receiver("127.0.0.6")
+
+
+def test_5xx_bounces_with_a_dsn_delivered_to_the_senders_domain(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(w, "nobody@reject.test", orcpt="rfc822;nobody@reject.test")
+        await w.agent.run_once()  # the delivery, then the bounce it queued
+        assert mx.receivers["127.0.0.3"].messages == []
+        bounce = only(bounces(mx))
+        assert bounce.recipients == [SENDER]
+        report = parse_dsn(bounce.content)
+        (rcpt,) = report.recipients
+        assert rcpt.action is DSNAction.FAILED
+        assert rcpt.status == "5.1.1"
+        assert rcpt.final_recipient == "rfc822;nobody@reject.test"
+        assert rcpt.original_recipient == "rfc822;nobody@reject.test"
+        assert rcpt.remote_mta == "dns;mx.reject.test"
+        assert rcpt.diagnostic_code is not None and "550 5.1.1 no such user" in rcpt.diagnostic_code
+        assert report.reporting_mta == "dns;mta.test"
+        assert b"Subject: hello" in bounce.content  # the original comes back
+        assert qid not in w.agent.scheduler
+        assert w.store.list() == []  # the bounce was delivered too
+        assert w.agent.counters["dsn_sent"] == 1
+
+    run(mx, tmp_path, body)
+
+
+def test_a_bounce_that_fails_is_not_bounced_again(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "nobody@reject.test", sender="")
+        await w.agent.run_once()
+        assert bounces(mx) == []
+        assert w.agent.counters["dsn_sent"] == 0
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body)
+
+
+def test_null_mx_fails_permanently_without_connecting(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "erin@nullmx.test")
+        await w.agent.run_once()
+        report = parse_dsn(only(bounces(mx)).content)
+        (rcpt,) = report.recipients
+        assert rcpt.status == "5.1.10"
+        assert rcpt.remote_mta is None  # nobody was connected to
+        assert mx.receivers["127.0.0.3"].sessions == 0
+
+    run(mx, tmp_path, body)
+
+
+def test_implicit_mx_delivers_to_the_domains_own_address(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "frank@implicit.test")
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["frank@implicit.test"]
+
+    run(mx, tmp_path, body)
+
+
+def test_nxdomain_bounces_with_5_1_2(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "gina@nowhere.test")
+        await w.agent.run_once()
+        (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
+        assert rcpt.status == "5.1.2"
+        assert rcpt.action is DSNAction.FAILED
+
+    run(mx, tmp_path, body)
+
+
+def test_multi_domain_message_with_partial_failure(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(
+            w, "ok@backup.test", "nobody@reject.test", "x@nullmx.test", "later@down.test"
+        )
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["ok@backup.test"]
+        failed = {
+            r.final_recipient: r.status
+            for b in bounces(mx)
+            for r in parse_dsn(b.content).recipients
+        }
+        assert failed == {"rfc822;nobody@reject.test": "5.1.1", "rfc822;x@nullmx.test": "5.1.10"}
+        states = {s.recipient.address: s.status for s in w.agent.scheduler.message(qid).recipients}
+        assert states == {
+            "ok@backup.test": RecipientStatus.DELIVERED,
+            "nobody@reject.test": RecipientStatus.FAILED,
+            "x@nullmx.test": RecipientStatus.FAILED,
+            "later@down.test": RecipientStatus.DEFERRED,
+        }
+        assert w.store.list() == [qid]  # one recipient still queued
+
+    run(mx, tmp_path, body)
+
+
+def test_connection_dropped_after_the_data_is_retried(mx: Net, tmp_path: Path) -> None:
+    server = DroppingServer(("127.0.0.8", mx.port))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+
+    async def body(w: World) -> None:
+        qid = await submit(w, "hal@drop.test")
+        await w.agent.run_once()
+        assert len(server.received) == 1  # the data went out ...
+        (state,) = w.agent.scheduler.message(qid).recipients
+        assert state.status is RecipientStatus.DEFERRED  # ... but it is not taken as delivered
+        assert state.reply is not None and state.reply.enhanced == "4.4.2"
+        server.drop = False
+        nxt = w.agent.scheduler.message(qid).next_attempt
+        assert nxt is not None
+        w.clock.now = nxt
+        await w.agent.run_once()
+        assert len(server.received) == 2  # the classic duplicate, never a loss
+        assert qid not in w.agent.scheduler
+        assert w.store.list() == []
+
+    try:
+        run(mx, tmp_path, body)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_local_domain_goes_to_a_maildir_per_recipient(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "Ivy@local.test", "jack@local.test")
+        await w.agent.run_once()
+        for box in ("ivy", "jack"):
+            (path,) = (w.maildirs / "local.test" / box / "new").iterdir()
+            data = path.read_bytes()
+            assert data.startswith(b"Return-Path: <alice@sender.test>\r\nDelivered-To: ")
+            assert data.endswith(MESSAGE)
+            assert list((w.maildirs / "local.test" / box / "tmp").iterdir()) == []
+        assert w.store.list() == []
+        assert mx.receivers["127.0.0.3"].messages == []
+
+    run(mx, tmp_path, body)
+
+
+def test_local_domain_goes_to_the_embedded_callable(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "app@app.test")
+        await w.agent.run_once()
+        assert w.calls == [(SENDER, "app@app.test", MESSAGE)]
+
+    run(mx, tmp_path, body)
+
+
+def test_a_bounce_to_a_local_sender_lands_in_its_maildir(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "nobody@reject.test", sender="kim@local.test")
+        await w.agent.run_once()
+        (path,) = (w.maildirs / "local.test" / "kim" / "new").iterdir()
+        data = path.read_bytes()
+        assert data.startswith(b"Return-Path: <>\r\n")
+        (rcpt,) = parse_dsn(data.split(b"\r\n", 2)[2]).recipients
+        assert rcpt.status == "5.1.1"
+
+    run(mx, tmp_path, body)
+
+
+def test_restart_queues_every_stored_message(mx: Net, tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path / "spool", fsync=False)
+    env = SpoolEnvelope(
+        sender=MailFrom(address=SENDER),
+        recipients=(RcptTo(address="luke@backup.test"), RcptTo(address="luke@backup.test")),
+        arrival=time.time(),
+    )
+    qid = store.put(env, [MESSAGE])
+    store.close()
+
+    async def body(w: World) -> None:
+        assert await w.agent.start() == [qid]
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["luke@backup.test"]
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body)
+
+
+def test_the_same_agent_code_runs_on_trio(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "mia@backup.test", "nobody@reject.test")
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["mia@backup.test"]
+        assert len(bounces(mx)) == 1
+
+    run(mx, tmp_path, body, backend="trio")
+
+
+def test_opportunistic_starttls_is_used_when_offered(
+    mx: Net, tmp_path: Path, server_tls: Any
+) -> None:
+    receiver = Receiver()
+    controller = Controller(
+        receiver,
+        ServerConfig(hostname="tls.test", starttls=True),
+        listen=[("127.0.0.9", mx.port)],
+        tls_context=server_tls,
+    )
+    controller.start()
+    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
+    tls_seen: list[bool] = []
+    orig = receiver.on_mail_from
+
+    def on_mail_from(session: Session, event: MailFrom) -> Reply | None:
+        tls_seen.append(session.tls)
+        return orig(session, event)
+
+    receiver.on_mail_from = on_mail_from  # type: ignore[method-assign]
+
+    async def body(w: World) -> None:
+        await submit(w, "ned@tls.test")
+        await w.agent.run_once()
+        assert only(receiver.messages).recipients == ["ned@tls.test"]
+        assert tls_seen == [True]
+
+    try:
+        run(mx, tmp_path, body)
+    finally:
+        controller.stop()
+        del mx.dns.zone["tls.test"]
+
+
+def test_tls_policy_none_stays_in_clear_text(mx: Net, tmp_path: Path, server_tls: Any) -> None:
+    receiver = Receiver()
+    controller = Controller(
+        receiver,
+        ServerConfig(hostname="tls.test", starttls=True),
+        listen=[("127.0.0.9", mx.port)],
+        tls_context=server_tls,
+    )
+    controller.start()
+    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
+
+    async def body(w: World) -> None:
+        await submit(w, "ned@tls.test")
+        await w.agent.run_once()
+        assert only(receiver.messages).recipients == ["ned@tls.test"]
+
+    try:
+        run(mx, tmp_path, body, tls=TLSPolicy.NONE)
+    finally:
+        controller.stop()
+        del mx.dns.zone["tls.test"]
+
+
+# --- the I/O-free session against scripted replies ----------------------------------------------
+
+
+def _session(route_targets: int = 1, **kw: Any) -> DeliverySession:
+    from ipaddress import ip_address
+
+    route = Route(
+        kind=RouteKind.REMOTE,
+        nexthop="d.test",
+        recipients=("a@d.test", "b@d.test"),
+        targets=tuple(
+            Target(host=f"mx{i}.d.test", address=ip_address(f"192.0.2.{i}"))
+            for i in range(1, route_targets + 1)
+        ),
+    )
+    walk = DeliveryWalk(route)
+    walk.next_target()
+    return DeliverySession(
+        walk,
+        sender=kw.pop("sender", MailFrom(address=SENDER, envid="E1", ret="HDRS")),
+        recipients={},
+        content=MESSAGE,
+        config=ClientConfig(local_hostname="mta.test"),
+        starttls=None,
+        timeout=30.0,
+        now=0.0,
+    )
+
+
+def _converse(job: DeliverySession, replies: list[bytes]) -> bytes:
+    sent = b""
+    for chunk in replies:
+        while out := job.data_to_send():
+            sent += out
+        if job.done:
+            break
+        job.receive_data(chunk, now=1.0)
+    while out := job.data_to_send():
+        sent += out
+    return sent
+
+
+def test_session_sends_dsn_parameters_only_to_a_dsn_server() -> None:
+    job = _session()
+    sent = _converse(
+        job,
+        [
+            b"220 mx ESMTP\r\n",
+            b"250-mx\r\n250 PIPELINING\r\n",
+            b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+            b"250 queued\r\n",
+            b"221 bye\r\n",
+        ],
+    )
+    assert b"MAIL FROM:<alice@sender.test>\r\n" in sent  # no RET/ENVID without DSN
+    job.feed_walk()
+    results = job.walk.results()
+    assert {r.status.value for r in results.values()} == {"delivered"}
+    report = report_from_results(list(results.values()))
+    assert report.remote_mta == "mx1.d.test" and not report.connection_failed
+
+
+def test_session_relays_ret_and_envid_to_a_dsn_server() -> None:
+    job = _session()
+    sent = _converse(
+        job,
+        [
+            b"220 mx ESMTP\r\n",
+            b"250-mx\r\n250-DSN\r\n250 PIPELINING\r\n",
+            b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+            b"250 queued\r\n",
+            b"221 bye\r\n",
+        ],
+    )
+    assert b"MAIL FROM:<alice@sender.test> RET=HDRS ENVID=E1\r\n" in sent
+
+
+def test_session_refuses_smtputf8_mail_to_a_server_without_it() -> None:
+    job = _session(sender=MailFrom(address="ünï@sender.test", smtputf8=True))
+    sent = _converse(job, [b"220 mx ESMTP\r\n", b"250 mx\r\n", b"221 bye\r\n"])
+    assert b"MAIL" not in sent
+    job.feed_walk()
+    statuses = {r.reply.code for r in job.walk.results().values()}
+    assert statuses == {553}
+
+
+def test_session_greeting_421_moves_to_the_next_target() -> None:
+    job = _session(route_targets=2)
+    _converse(job, [b"421 busy\r\n"])
+    job.feed_walk()
+    assert job.walk.results() == {}
+    assert job.walk.next_target() is not None  # the backup gets its turn
+
+
+def test_connection_failure_everywhere_backs_the_destination_off() -> None:
+    job = _session()
+    job.data_to_send()
+    job.connection_failed("reset")
+    job.feed_walk()
+    assert job.walk.next_target() is None
+    report = report_from_results(list(job.walk.results().values()))
+    assert report.connection_failed
+    assert {r.code for r in report.replies.values()} == {451}
+
+
+@pytest.fixture(scope="module")
+def server_tls() -> Any:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("tls.test", "127.0.0.9").configure_cert(ctx)
+    return ctx
