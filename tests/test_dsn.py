@@ -442,7 +442,7 @@ def recipient_states(draw: st.DrawFn) -> list[RecipientState]:
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     states=recipient_states(),
     sender=st.sampled_from(["", "alice@example.org"]),
