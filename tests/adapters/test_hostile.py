@@ -259,6 +259,32 @@ def _small_buffers(listen: Any) -> list[socket.socket]:
     return sockets
 
 
+@pytest.mark.parametrize("hostile", ["threads"], indirect=True)  # engine logic: one runtime
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="in DATA every segment of >= 3 octets restarts the data-block deadline (RFC 5321 "
+    "4.5.3.2.5), so 3 octets per data_timeout hold a connection slot for as long as the size "
+    "limit allows (10 MiB at 3 octets / 180 s: forever).  Needed in _server.py: restart the "
+    "DATA deadline only on a complete line (Postfix's smtpd_per_record_deadline), or a "
+    "minimum rate / whole-message deadline (ServerConfig.max_data_time)",
+)
+def test_slowloris_data_trickle_is_cut_off(hostile: Start) -> None:
+    config = ServerConfig(hostname="mx.test", command_timeout=5.0, data_timeout=1.0)
+    client = greeted(hostile(config=config))
+    client.send(b"HELO c.test\r\n")
+    client.expect(250)
+    transaction(client)
+    for _ in range(15):  # 3 octets about every 0.3 s, never a line end; ~4.5 s in all
+        ready, _, _ = select.select([client.sock], [], [], 0.3)
+        if ready:
+            break
+        client.send(b"abc")
+    else:
+        raise AssertionError("no deadline cut off a trickle three times data_timeout long")
+    assert client.expect(421).startswith("4.4.2")
+
+
 def test_client_that_never_reads_replies_keeps_server_memory_bounded(
     hostile: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
