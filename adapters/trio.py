@@ -123,13 +123,15 @@ class _Server:
             live = Live(driver=driver, wake=lambda: None)
             self.live.add(live)
             log.debug("%s connect from %s", session.id, session.peer)
+            box = [stream]
             try:
-                await self._session(live, stream)
+                await self._session(live, box)
             except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
             except Exception:  # a bug: log it, keep serving the others
                 log.exception("%s session failed", session.id)
             finally:
+                stream = box[0]
                 self.live.discard(live)
                 self.closed.set()
                 with trio.CancelScope(shield=True):
@@ -144,9 +146,32 @@ class _Server:
                 except _STREAM_ERRORS:
                     pass
 
-    async def _session(self, live: Live, stream: trio.abc.Stream) -> None:
+    async def _session(self, live: Live, box: list[trio.abc.Stream]) -> None:
+        """Run the session; ``box[0]`` is the stream (TLS-wrapped after STARTTLS).
+
+        One CancelScope spans many exchanges, its deadline moved to the engine's deadline
+        before each read (a new scope per read and per write costs more than the engine)."""
         driver = live.driver
+        phase = [""]
         while True:
+            with trio.CancelScope() as scope:
+                live.wake = scope.cancel  # a shutdown kick cancels the read in progress
+                await self._exchange(live, box, scope, phase)
+                return
+            if phase[0] != "read":  # a write or handshake outlived its time: stream broken
+                raise trio.TooSlowError(f"timeout in {phase[0]}")
+            if not live.kicked and driver.check_timeout():
+                with trio.fail_after(self.config.command_timeout):
+                    await box[0].send_all(driver.data_to_send())
+                return
+            # a kick (or an early wake-up): the next exchange sends 421 or reads on
+
+    async def _exchange(
+        self, live: Live, box: list[trio.abc.Stream], scope: trio.CancelScope, phase: list[str]
+    ) -> None:
+        driver, timeout = live.driver, self.config.command_timeout
+        while True:
+            phase[0], scope.deadline = "process", math.inf  # handlers are never timed out
             outcome = await run_async(driver.process())
             if outcome == "READ" and self.stopping:
                 live.kick(force=False)
@@ -155,30 +180,25 @@ class _Server:
                 outcome = "CLOSE"
             out = driver.data_to_send()
             if out:  # back-pressure: send_all returns once the kernel took it all
-                with trio.fail_after(self.config.command_timeout):  # a client not reading
-                    await stream.send_all(out)
+                phase[0], scope.deadline = "write", trio.current_time() + timeout
+                await box[0].send_all(out)
             if outcome == "CLOSE":
                 return
             if outcome == "STARTTLS":
                 assert self.tls_context is not None
-                stream = trio.SSLStream(stream, self.tls_context, server_side=True)
-                with trio.fail_after(self.config.command_timeout):
-                    await stream.do_handshake()
+                phase[0], scope.deadline = "handshake", trio.current_time() + timeout
+                tls = trio.SSLStream(box[0], self.tls_context, server_side=True)
+                box[0] = tls
+                await tls.do_handshake()
                 driver.tls_established()
                 continue
             deadline = driver.deadline
-            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as read:
-                live.wake = read.cancel  # a shutdown kick cancels just this read
-                live.reading = True
-                try:
-                    data = await stream.receive_some(READ_SIZE)
-                finally:
-                    live.reading = False
-            if read.cancelled_caught:
-                if not live.kicked and driver.check_timeout():
-                    await stream.send_all(driver.data_to_send())
-                    return
-                continue  # a kick: the loop sends 421
+            phase[0], scope.deadline = "read", math.inf if deadline is None else deadline
+            live.reading = True
+            try:
+                data = await box[0].receive_some(READ_SIZE)
+            finally:
+                live.reading = False
             driver.receive(data if type(data) is bytes else bytes(data))
 
 

@@ -30,7 +30,7 @@ CLIENT_TIMEOUT = 10.0
 
 @pytest.fixture(autouse=True)
 def _watchdog() -> Iterator[None]:
-    faulthandler.dump_traceback_later(WATCHDOG, exit=True, file=sys.stderr)
+    faulthandler.dump_traceback_later(WATCHDOG, exit=True, file=sys.__stderr__)
     yield
     faulthandler.cancel_dump_traceback_later()
 
