@@ -46,6 +46,7 @@ from typing import TypeAlias
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import Reply
 from mailwire.protocol._grammar import is_valid_domain, split_mailbox
+from mailwire.protocol._queue import RecipientStatus as RecipientStatus  # one vocabulary
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 SMTP_PORT = 25  # RFC 5321 4.5.4.2 (and the IANA registry)
@@ -908,14 +909,6 @@ AttemptOutcome: TypeAlias = (
     ConnectFailed | ConnectionLost | SessionReply | RecipientReply | MessageReply
 )
 """What the caller feeds a DeliveryWalk."""
-
-
-class RecipientStatus(enum.Enum):
-    """A recipient's outcome after one delivery attempt."""
-
-    DELIVERED = "delivered"  #: a 2xx to the message: done
-    FAILED = "failed"  #: a 5xx: bounce
-    DEFERRED = "deferred"  #: a 4xx or no host reachable: stays queued
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
