@@ -11,7 +11,6 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import ssl
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -30,7 +29,7 @@ CLIENT_TIMEOUT = 10.0
 
 @pytest.fixture(autouse=True)
 def _watchdog() -> Iterator[None]:
-    faulthandler.dump_traceback_later(WATCHDOG, exit=True, file=sys.__stderr__)
+    faulthandler.dump_traceback_later(WATCHDOG, exit=True, file=2)  # the real stderr
     yield
     faulthandler.cancel_dump_traceback_later()
 
