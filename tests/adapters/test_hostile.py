@@ -131,6 +131,7 @@ class Client:
         self.sock.connect(address)
         self.buf = bytearray()
         self.lines: list[bytes] = []
+        self.last_text = ""
 
     def close(self) -> None:
         self.sock.close()
@@ -173,9 +174,10 @@ class Client:
         except ConnectionResetError:
             return True
 
-    def pipeline(self, payload: bytes, count: int) -> list[tuple[int, str]]:
-        """Send ``payload`` while reading, until ``count`` replies have arrived."""
-        replies: list[tuple[int, str]] = []
+    def pipeline(self, payload: bytes, count: int) -> list[int]:
+        """Send ``payload`` while reading, until ``count`` replies have arrived; returns their
+        codes (the last reply's text is kept in ``last_text``: little client memory)."""
+        replies: list[int] = []
         view, pos = memoryview(payload), 0
         self.sock.setblocking(False)
         try:
@@ -195,7 +197,8 @@ class Client:
                             raise EOFError(f"closed after {len(replies)} replies")
                         self.buf += chunk
                         while (got := self._take_reply()) is not None:
-                            replies.append(got)
+                            replies.append(got[0])
+                            self.last_text = got[1]
         finally:
             self.sock.settimeout(CLIENT_TIMEOUT)
         assert pos == len(payload), "replies arrived for commands not yet sent"
@@ -310,7 +313,7 @@ def test_client_that_never_reads_replies_keeps_server_memory_bounded(
     stalled = pos < len(payload)
     sent = pos // 6
     replies = client.pipeline(payload[pos:], noops)  # now read everything: all answered
-    assert all(code == 250 for code, _ in replies)
+    assert replies == [250] * noops
     print(f"never-reads: sent {sent} NOOPs unread, stalled={stalled}, peak {peak[0]} B")
     assert stalled, "the server never pushed back: raise noops"
     assert peak[0] < 2 * MiB, peak[0]
@@ -329,9 +332,8 @@ def test_ten_thousand_recipients_get_452_beyond_the_limit_and_session_survives(
     rcpts = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(10_000))
     with peak_memory() as peak:
         replies = client.pipeline(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\n" + rcpts, 10_002)
-    codes = [code for code, _ in replies[2:]]
-    assert codes == [250] * 1000 + [452] * 9000
-    assert replies[-1][1].startswith("4.5.3")
+    assert replies == [250] * 1002 + [452] * 9000
+    assert client.last_text.startswith("4.5.3"), client.last_text
     client.send(b"DATA\r\n")
     client.expect(354)
     client.send(b"Subject: many\r\n\r\nhi\r\n.\r\n")
@@ -340,7 +342,7 @@ def test_ten_thousand_recipients_get_452_beyond_the_limit_and_session_survives(
         len(b"Subject: many\r\n\r\nhi\r\n")
     ]
     print(f"10k recipients: peak {peak[0]} B")
-    assert peak[0] < 4 * MiB, peak[0]
+    assert peak[0] < 3 * MiB, peak[0]  # the 1000 accepted RcptTo events are kept
     still_serves(client)
 
 
@@ -436,13 +438,13 @@ def test_http_request_on_smtp_port_gets_421_and_close(hostile: Start) -> None:
 def test_overlong_command_line_is_refused_with_bounded_memory(hostile: Start) -> None:
     client = greeted(hostile())
     with peak_memory() as peak:
-        for _ in range(64):
-            client.send(b"A" * 16384)  # 1 MiB without a line end
+        for _ in range(256):
+            client.send(b"A" * 16384)  # 4 MiB without a line end
         client.send(b"\r\n")
         got, text = client.reply()
     assert got == 500 and "too long" in text, (got, text)
-    print(f"1 MiB command line: peak {peak[0]} B")
-    assert peak[0] < 1 * MiB, peak[0]
+    print(f"4 MiB command line: peak {peak[0]} B")
+    assert peak[0] < 2 * MiB, peak[0]  # half of what buffering the line would cost
     still_serves(client)
 
 
