@@ -20,7 +20,6 @@ duplicate a line) applied to the rendered bytes.  Invariants:
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from mailwire.protocol._dsn import (
@@ -45,6 +44,11 @@ def _text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+def _blank_fold(rendered: bytes) -> bool:
+    lines = rendered.decode("utf-8", "replace").split("\r\n")
+    return any(line and line.isspace() for line in lines)
 
 
 def check_parsed(report: DSNReport) -> None:
@@ -124,8 +128,8 @@ def test_one_input(data: bytes) -> None:
     if built is None:
         return
     report, content = built
-    if SKIP_KNOWN and re.search(rb"\n[ \t]+\r?\n", render_delivery_status(report)):
-        return  # known: _fold() can emit a whitespace-only line (a run of spaces in a value)
+    if SKIP_KNOWN and _blank_fold(render_delivery_status(report)):
+        return  # known: _fold() can emit a line that is all (Unicode) white space
     assert parse_dsn(content) == report, "a rendered DSN does not parse back"
     assert parse_delivery_status(render_delivery_status(report)) == report
     if ops:
