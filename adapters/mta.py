@@ -1,0 +1,346 @@
+"""The reference MTA: the ``mailwire serve`` server, its durable spool, the delivery agent and
+local Maildir delivery, as one object.
+
+    mta = MTA(Settings(listen=["0.0.0.0:25"], local_domains=["example.org"]),
+              DeliverySettings(maildir="/var/mail/mailwire"))
+    mta.start()          # server + delivery agent in background threads
+    ...
+    mta.stop(grace=30)
+
+Data flow: the server (adapters/cli.py's build(): runtime, TLS, limits, relay policy in front
+of SpoolHandler) stores every accepted message durably before 250; the store is wrapped so
+that each commit also hands (queue ID, envelope) to the delivery agent
+(adapters/_delivery_anyio.py), which runs on its own event loop thread (anyio: asyncio, or
+trio when the server runs on trio; the threads server delivers with asyncio).  Local domains
+are delivered to ``<maildir>/<domain>/<local part>/`` (adapters/_maildir.py) or to a callable
+given when embedding; every other domain by MX (DNS through dnspython, nameservers
+configurable) on ``delivery_port``.  At start-up every message left in the spool is queued
+again (kill -9 right after a 250 loses nothing).
+
+:func:`run_mta` is the blocking entry point a command line calls: start, wait for SIGTERM or
+SIGINT, stop gracefully.
+"""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.from_thread
+
+from mailwire.adapters._delivery import DeliveryConfig, TLSPolicy
+from mailwire.adapters._delivery_anyio import DeliveryAgent, LocalDeliver
+from mailwire.adapters._driver import BaseController
+from mailwire.adapters._maildir import MaildirDelivery
+from mailwire.adapters._spool import (
+    MessageStore,
+    MessageWriter,
+    SpoolEnvelope,
+    SpoolHandler,
+    StoredMessage,
+)
+from mailwire.adapters.cli import Settings, build
+from mailwire.protocol._queue import RetryPolicy
+from mailwire.protocol._routing import NextHop, RoutingConfig
+
+log = logging.getLogger("mailwire.adapters.mta")
+
+Committed = Callable[[str, SpoolEnvelope], None]
+
+
+class _NotifyingWriter:
+    def __init__(self, writer: MessageWriter, notify: Committed) -> None:
+        self._writer = writer
+        self._notify = notify
+
+    @property
+    def size(self) -> int:
+        return self._writer.size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._writer.size = value
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def commit(self, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
+        future = self._writer.commit(envelope)
+
+        def done(f: concurrent.futures.Future[str]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._notify(f.result(), envelope)
+
+        future.add_done_callback(done)
+        return future
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+class NotifyingStore:
+    """A MessageStore that reports every message committed through begin()/commit() (the
+    server's path) to ``notify(queue_id, envelope)``, called in the committing thread once
+    the message is durable.  put() (the agent's own path, e.g. bounces) is not reported.
+
+    Args:
+        store: the real store.
+        notify: the callback.
+    """
+
+    def __init__(self, store: MessageStore, notify: Committed) -> None:
+        self.inner = store
+        self.notify = notify
+
+    def begin(self) -> MessageWriter:
+        return _NotifyingWriter(self.inner.begin(), self.notify)
+
+    def put(self, envelope: SpoolEnvelope, chunks: Iterable[bytes]) -> str:
+        return self.inner.put(envelope, chunks)
+
+    def get(self, queue_id: str) -> StoredMessage:
+        return self.inner.get(queue_id)
+
+    def list(self) -> builtins.list[str]:
+        return self.inner.list()
+
+    def delete(self, queue_id: str) -> None:
+        self.inner.delete(queue_id)
+
+    def recover(self) -> builtins.list[str]:
+        return self.inner.recover()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(kw_only=True)
+class DeliverySettings:
+    """The delivery side of the MTA.
+
+    Attributes:
+        delivery_port: the TCP port of MX delivery (25; tests use another).
+        nameservers: ``["127.0.0.1:53", "[::1]:5353"]``; empty: the system's resolv.conf.
+        maildir: the root of local Maildirs (``<root>/<domain>/<local part>/``).
+        relayhost: send all non-local mail through this smarthost (``"[host]:587"``), or "".
+        outbound_tls: opportunistic STARTTLS on outbound connections.
+        runtime: the delivery event loop, "asyncio" or "trio" ("" : the server's runtime,
+            asyncio for the threads server).
+        lifetime, first_retry, delay_warning: the retry policy, seconds (RFC 5321 4.5.4.1).
+        connect_timeout, reply_timeout: outbound timeouts, seconds.
+        destination_concurrency: simultaneous deliveries per destination domain.
+        aliases: local recipient -> mailbox address.
+    """
+
+    delivery_port: int = 25
+    nameservers: list[str] = field(default_factory=list)
+    maildir: str = "./mail"
+    relayhost: str = ""
+    outbound_tls: bool = True
+    runtime: str = ""
+    lifetime: float = 5 * 86400.0
+    first_retry: float = 300.0
+    delay_warning: float = 4 * 3600.0
+    connect_timeout: float = 30.0
+    reply_timeout: float = 300.0
+    destination_concurrency: int = 20
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text.strip("[]"), 53
+    return host.strip("[]"), int(port)
+
+
+class MTA:
+    """Server + spool + delivery agent + local delivery (see the module docstring).
+
+    Args:
+        settings: the server settings (adapters/cli.py).
+        delivery: the delivery settings.
+        local: an embedded local delivery callable (replaces the Maildirs), or None.
+        fsync: False only for tests (the spool is then NOT durable).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        delivery: DeliverySettings | None = None,
+        *,
+        local: LocalDeliver | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.delivery = delivery or DeliverySettings()
+        self.local = local
+        self.fsync = fsync
+        self.controller: BaseController | None = None
+        self.agent: DeliveryAgent | None = None
+        self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal]
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._run_future: concurrent.futures.Future[None] | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The addresses the server listens on (after start())."""
+        return [] if self.controller is None else self.controller.addresses
+
+    def delivery_config(self, hostname: str) -> DeliveryConfig:
+        """The DeliveryConfig the settings describe."""
+        d = self.delivery
+        transport = {"*": NextHop.parse(d.relayhost)} if d.relayhost else {}
+        routing = RoutingConfig(
+            hostname=hostname,
+            local_domains=frozenset(self.settings.local_domains),
+            transport=transport,
+            smtp_port=d.delivery_port,
+        )
+        retry = RetryPolicy(
+            first_retry=d.first_retry,
+            lifetime=d.lifetime,
+            delay_warning=d.delay_warning or None,
+            destination_concurrency=d.destination_concurrency,
+            max_interval=max(4 * 3600.0, d.first_retry),
+        )
+        return DeliveryConfig(
+            hostname=hostname,
+            routing=routing,
+            nameservers=tuple(_nameserver(n) for n in d.nameservers) or None,
+            retry=retry,
+            tls=TLSPolicy.OPPORTUNISTIC if d.outbound_tls else TLSPolicy.NONE,
+            connect_timeout=d.connect_timeout,
+            reply_timeout=d.reply_timeout,
+        )
+
+    def start(self) -> None:
+        """Recover the spool, start the delivery agent, then the server.
+
+        Raises:
+            ValueError: inconsistent settings.
+            OSError, RuntimeError: the server could not start.
+        """
+        controller, settings = build(self.settings)
+        handler = controller.handler
+        assert isinstance(handler, SpoolHandler)
+        if not self.fsync:
+            handler.store.fsync = False  # type: ignore[attr-defined]
+        self.controller = controller
+        config = self.delivery_config(controller.config.hostname)
+        local = self.local
+        if local is None:
+            local = MaildirDelivery(
+                self.delivery.maildir,
+                hostname=config.hostname,
+                fsync=self.fsync,
+                aliases=self.delivery.aliases,
+            )
+        self.agent = agent = DeliveryAgent(handler.store, config, local=local, clock=time.time)
+        runtime = self.delivery.runtime or ("trio" if settings.runtime == "trio" else "asyncio")
+        self._portal_cm = anyio.from_thread.start_blocking_portal(runtime)
+        self._portal = portal = self._portal_cm.__enter__()
+        handler.store = NotifyingStore(handler.store, self._committed)
+        try:
+            ids = portal.call(agent.start)
+            log.info("delivery agent on %s: %d message(s) queued from the spool", runtime, len(ids))
+            self._run_future = portal.start_task_soon(agent.run)
+            controller.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _committed(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        portal = self._portal
+        agent = self.agent
+        if portal is None or agent is None:
+            return  # stopping: the message stays in the spool for the next start
+        try:
+            portal.start_task_soon(_enqueue, agent, queue_id, envelope)
+        except RuntimeError:
+            log.warning("%s: not queued (delivery agent stopped); kept in the spool", queue_id)
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop the server (``grace`` seconds for transactions in progress), then the
+        delivery agent (deliveries in flight are cut; their messages stay queued), then
+        release the spool."""
+        controller, self.controller = self.controller, None
+        if controller is not None:
+            controller.stop(grace=grace)
+        portal, self._portal = self._portal, None
+        if portal is not None:
+            if self._run_future is not None:
+                self._run_future.cancel()
+            with contextlib.suppress(Exception):
+                self._portal_cm.__exit__(None, None, None)
+        if controller is not None and isinstance(controller.handler, SpoolHandler):
+            controller.handler.close()
+
+    def __enter__(self) -> MTA:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+async def _enqueue(agent: DeliveryAgent, queue_id: str, envelope: SpoolEnvelope) -> None:
+    agent.enqueue(queue_id, envelope)
+
+
+def run_mta(
+    settings: Settings,
+    delivery: DeliverySettings | None = None,
+    *,
+    stop: threading.Event | None = None,
+    **options: Any,
+) -> int:
+    """Run the MTA until SIGTERM/SIGINT (or ``stop`` is set), then stop gracefully.
+
+    Args:
+        settings: the server settings.
+        delivery: the delivery settings.
+        stop: an event that ends the run (signal handlers are installed when None; they can
+            only be installed from the main thread).
+        **options: passed to MTA.
+
+    Returns:
+        0 after a graceful stop, 1 if the server could not start or stopped unexpectedly.
+    """
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    mta = MTA(settings, delivery, **options)
+    try:
+        mta.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info(
+        "mailwire MTA on %s (%s runtime, spool %s, pid %d)",
+        " ".join(f"{h}:{p}" for h, p in mta.addresses),
+        settings.runtime,
+        os.path.abspath(settings.spool),
+        os.getpid(),
+    )
+    status = 0
+    while not stop.wait(0.5):
+        if mta.controller is None or not mta.controller.running:
+            log.error("the server stopped unexpectedly")
+            status = 1
+            break
+    mta.stop(grace=settings.grace)
+    return status
+
+
+__all__ = ["MTA", "DeliverySettings", "NotifyingStore", "run_mta"]

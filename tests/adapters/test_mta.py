@@ -1,0 +1,196 @@
+"""The whole MTA over real parts: SMTP in (smtplib), the durable spool, DNS from a loopback
+authoritative server, SMTP out to a receiver on 127.0.0.x, Maildir for local domains; and
+kill -9 right after the 250 -> delivered after the restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailwire.adapters._maildir import MaildirDelivery
+from mailwire.adapters.cli import Settings
+from mailwire.adapters.mta import MTA, DeliverySettings
+from mailwire.adapters.threads import Controller
+from mailwire.protocol._config import ServerConfig
+from mailwire.protocol._events import Reply
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dnsserver import DNSServer  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from test_delivery import Receiver, _free_port  # noqa: E402
+
+ZONE = {
+    "remote.test": {"MX": ["10 mx.remote.test."]},
+    "mx.remote.test": {"A": ["127.0.0.3"]},
+    "later.test": {"MX": ["10 mx.later.test."]},
+    "mx.later.test": {"A": ["127.0.0.5"]},
+}
+MESSAGE = b"From: a@sender.test\r\nSubject: mta\r\n\r\nhello\r\n"
+
+
+def eventually(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Wait (bounded) until ``cond()`` holds; no timing is asserted."""
+    tick = threading.Event()
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return True
+        tick.wait(0.02)
+    return cond()
+
+
+class Net:
+    def __init__(self, port: int, dns: DNSServer) -> None:
+        self.port = port
+        self.dns = dns
+        self.controllers: list[Controller] = []
+
+    def receiver(self, host: str) -> Receiver:
+        r = Receiver()
+        c = Controller(r, ServerConfig(hostname="rx.test"), listen=[(host, self.port)])
+        c.start()
+        self.controllers.append(c)
+        return r
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    port = _free_port(["127.0.0.3", "127.0.0.5"])
+    with DNSServer(ZONE) as dns:
+        n = Net(port, dns)
+        try:
+            yield n
+        finally:
+            for c in n.controllers:
+                c.stop()
+
+
+def settings(tmp_path: Path, runtime: str = "asyncio") -> Settings:
+    return Settings(
+        runtime=runtime,
+        listen=["127.0.0.1:0"],
+        hostname="mta.test",
+        spool=str(tmp_path / "spool"),
+        local_domains=["local.test"],
+        grace=1.0,
+    )
+
+
+def delivery(net: Net, tmp_path: Path) -> DeliverySettings:
+    return DeliverySettings(
+        delivery_port=net.port,
+        nameservers=[f"127.0.0.1:{net.dns.port}"],
+        maildir=str(tmp_path / "mail"),
+        connect_timeout=5.0,
+        reply_timeout=5.0,
+    )
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio", "threads"])
+def test_mta_relays_by_mx_and_delivers_local_mail_to_maildir(
+    net: Net, tmp_path: Path, runtime: str
+) -> None:
+    remote = net.receiver("127.0.0.3")
+    maildir = MaildirDelivery(tmp_path / "mail", fsync=False)
+    local_done = threading.Event()
+
+    def local(sender: str, rcpt: str, content: bytes) -> Reply:
+        reply = maildir(sender, rcpt, content)
+        local_done.set()
+        return reply
+
+    mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), local=local, fsync=False)
+    mta.start()
+    try:
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            refused = client.sendmail(
+                "a@sender.test", ["bob@remote.test", "ivy@local.test"], MESSAGE
+            )
+        assert refused == {}
+        assert eventually(lambda: len(remote.messages) == 1 and local_done.is_set())
+        got = remote.messages[0]
+        assert got.recipients == ["bob@remote.test"] and got.sender == "a@sender.test"
+        assert got.content.endswith(MESSAGE)
+        (path,) = (tmp_path / "mail" / "local.test" / "ivy" / "new").iterdir()
+        assert path.read_bytes().endswith(MESSAGE)
+        assert eventually(lambda: os.listdir(tmp_path / "spool" / "queue") == [])
+    finally:
+        mta.stop()
+
+
+def test_mta_refuses_to_relay_for_strangers_but_accepts_local_domains(
+    net: Net, tmp_path: Path
+) -> None:
+    s = settings(tmp_path)
+    s.relay_networks = []
+    mta = MTA(s, delivery(net, tmp_path), fsync=False)
+    mta.start()
+    try:
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.ehlo()
+            client.mail("a@sender.test")
+            assert client.rcpt("bob@remote.test")[0] == 554
+            assert client.rcpt("ivy@local.test")[0] == 250
+    finally:
+        mta.stop()
+
+
+CHILD = """
+import logging, sys
+from mailwire.adapters.cli import Settings
+from mailwire.adapters.mta import DeliverySettings, run_mta
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+spool, dns, port, mail = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+settings = Settings(listen=["127.0.0.1:0"], hostname="mta.test", spool=spool)
+sys.exit(run_mta(settings, DeliverySettings(delivery_port=port, nameservers=[dns],
+                 maildir=mail, connect_timeout=2.0)))
+"""
+
+
+def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> None:
+    spool = str(tmp_path / "spool")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, spool, f"127.0.0.1:{net.dns.port}", str(net.port), "m"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stderr is not None
+        address = None
+        for line in child.stderr:
+            if "mailwire MTA on " in line:
+                address = line.split("mailwire MTA on ")[1].split()[0]
+                break
+        assert address is not None, "the child MTA did not start"
+        host, _, port = address.rpartition(":")
+        with smtplib.SMTP(host, int(port), timeout=10) as client:
+            code, text = client.ehlo()
+            client.mail("a@sender.test")
+            client.rcpt("zoe@later.test")  # its MX (127.0.0.5) is down for now
+            code, text = client.data(MESSAGE)
+            assert code == 250
+            os.kill(child.pid, signal.SIGKILL)  # right after the 250
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stderr is not None:
+            child.stderr.close()
+    assert len(os.listdir(os.path.join(spool, "queue"))) == 1
+    later = net.receiver("127.0.0.5")  # the MX comes back
+    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta.start()
+    try:
+        assert eventually(lambda: len(later.messages) == 1)
+        assert later.messages[0].recipients == ["zoe@later.test"]
+        assert later.messages[0].content.endswith(MESSAGE)
+        assert eventually(lambda: os.listdir(os.path.join(spool, "queue")) == [])
+    finally:
+        mta.stop()
