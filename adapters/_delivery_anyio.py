@@ -28,6 +28,7 @@
 # once, never lost: RFC 5321 6.1 prefers a duplicate to a loss).
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -195,7 +196,8 @@ class DeliveryAgent:
             except Exception as exc:  # never lose a lease: defer and log
                 log.exception("%s: delivery failed", delivery.message.queue_id)
                 reply = Reply(code=451, text=f"4.3.0 Local error in delivery: {exc!r}")
-                self._complete(delivery, {}, reply=reply, remote_mta=None, failed_conn=False)
+                with contextlib.suppress(KeyError):  # KeyError: it was completed already
+                    self._complete(delivery, {}, reply=reply, remote_mta=None, failed_conn=False)
 
     # --- one delivery -------------------------------------------------------------------------
 
@@ -309,7 +311,13 @@ class DeliveryAgent:
             content=content,
             policy=self.scheduler.policy,
         ):
-            await self._queue_dsn(message.queue_id, dsn)
+            try:
+                await self._queue_dsn(message.queue_id, dsn)
+            except Exception:
+                # The notification could not be stored: keep the original in the spool, so
+                # that the next start delivers it again rather than lose the bounce.
+                log.exception("%s: could not queue the %s notice", message.queue_id, dsn.kind)
+                return
         if completion.finished is not None:
             try:
                 await anyio.to_thread.run_sync(self.store.delete, message.queue_id)

@@ -278,6 +278,8 @@ def run(net: Net, tmp_path: Path, body: Body, *, backend: str = "asyncio", **kw:
     maildir = MaildirDelivery(tmp_path / "mail", fsync=False, hostname="mta.test")
 
     def local(sender: str, rcpt: str, content: bytes) -> Reply | None:
+        if rcpt == "boom@app.test":
+            raise RuntimeError("mailbox backend down")
         if rcpt.endswith("@app.test"):
             calls.append((sender, rcpt, content))
             return None
@@ -630,6 +632,69 @@ def test_tls_policy_none_stays_in_clear_text(mx: Net, tmp_path: Path, server_tls
     finally:
         controller.stop()
         del mx.dns.zone["tls.test"]
+
+
+def test_delay_notice_after_four_hours_then_bounce_at_expiry(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(w, "olga@down.test")
+        arrival = w.clock.now
+        attempts = 0
+        while qid in w.agent.scheduler:
+            attempts += await w.agent.run_once()
+            wakeup = w.agent.scheduler.next_wakeup()
+            if wakeup is not None and qid in w.agent.scheduler:
+                w.clock.now = max(w.clock.now, wakeup)
+        notices = [parse_dsn(b.content) for b in bounces(mx)]
+        assert [r.recipients[0].action for r in notices] == [DSNAction.DELAYED, DSNAction.FAILED]
+        delayed, failed = notices
+        assert delayed.recipients[0].will_retry_until == int(arrival + 5 * 86400)  # whole seconds
+        assert failed.recipients[0].status == "4.4.1"  # the last transient reason, as Postfix
+        # given up at the expiry (or the destination's back-off just after it), not before
+        assert arrival + 5 * 86400 <= w.clock.now <= arrival + 5 * 86400 + 4 * 3600
+        assert 10 < attempts < 60
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body)
+
+
+def test_a_dead_destination_backs_off_as_a_whole(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "p1@down.test")
+        await submit(w, "p2@down.test")
+        assert await w.agent.run_once() == 2
+        (dest,) = [d for d in w.agent.scheduler.destinations() if d.destination == "down.test"]
+        assert dest.failures == 1 and dest.limit == 1
+        w.clock.now += 10
+        queries = len(mx.dns.log)
+        await submit(w, "p3@down.test")  # due now, but its destination is backing off
+        assert await w.agent.run_once() == 0
+        assert len(mx.dns.log) == queries
+        await submit(w, "ok@backup.test")  # other destinations are not slowed down
+        assert await w.agent.run_once() == 1
+
+    run(mx, tmp_path, body)
+
+
+def test_a_failing_local_delivery_is_deferred_not_lost(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        qid = await submit(w, "boom@app.test")
+        await w.agent.run_once()
+        (state,) = w.agent.scheduler.message(qid).recipients
+        assert state.status is RecipientStatus.DEFERRED
+        assert state.reply is not None and state.reply.enhanced == "4.3.0"
+        assert w.store.list() == [qid]
+
+    run(mx, tmp_path, body)
+
+
+def test_notify_never_suppresses_the_bounce(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "nobody@reject.test", notify=("NEVER",))
+        await w.agent.run_once()
+        assert bounces(mx) == []
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body)
 
 
 # --- the I/O-free session against scripted replies ----------------------------------------------
