@@ -1034,3 +1034,39 @@ def test_command_lines_over_the_rfc_limit_are_refused() -> None:
     with pytest.raises(LocalProtocolError, match="exceeds 512"):
         conn.send(Ehlo(domain="x" * 600))
     assert conn.data_to_send() == b"" and not conn.pending
+
+
+def test_bdat_refused_before_any_recipient_keeps_the_sender() -> None:
+    conn = greeted()
+    conn.send(SENDER)
+    conn.send(BOB)
+    conn.send(Bdat(size=0, last=True))
+    conn.receive_data(b"250 ok\r\n550 no bob\r\n554 5.5.1 no valid recipients\r\n")
+    events(conn)
+    assert state_of(conn) is S.MAIL  # like DATA's 554: RSET (or RCPT) comes next
+    conn.send(Rset())
+
+
+def test_rcpt_parameters_after_helo_are_refused() -> None:
+    conn = greeted(b"250 mx.example\r\n")
+    conn.send(Helo(domain="client.example"))
+    conn.receive_data(b"250 mx.example\r\n")
+    events(conn)
+    conn.send(SENDER)
+    conn.receive_data(b"250 ok\r\n")
+    events(conn)
+    with pytest.raises(LocalProtocolError, match="EHLO"):
+        conn.send(RcptTo(address="b@mx.example", notify=("NEVER",)))
+
+
+def test_legacy_auth_line_after_the_standard_one_merges() -> None:
+    ext = parse_extensions(Reply(code=250, text="mx\nAUTH PLAIN\nAUTH=LOGIN PLAIN"))
+    assert ext["AUTH"] == "PLAIN LOGIN"
+
+
+def test_plain_answers_an_empty_challenge_and_login_tolerates_odd_prompts() -> None:
+    plain = PlainAuth(username="u", password="p")
+    assert plain.respond(Reply(code=334, text="")) == AuthResponse(data="AHUAcA==")
+    login = LoginAuth(username="u", password="p")
+    login.start()
+    assert login.respond(Reply(code=334, text="not base64!")) == AuthResponse(data="dQ==")

@@ -10,7 +10,7 @@ from helpers import ConnectionPair, random_splitter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailwire.protocol._client import ClientConnection, LoginAuth, PlainAuth
+from mailwire.protocol._client import ClientConnection, LoginAuth, PlainAuth, XOAuth2Auth
 from mailwire.protocol._config import ClientConfig, ServerConfig
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import (
@@ -495,3 +495,32 @@ def test_setup_then_transaction_against_the_server_engine() -> None:
         setup.receive_data(pair.server.data_to_send())
     assert setup.result.ok, setup.result
     assert pair.server.tls_active and pair.server.authenticated_as == "alice"
+
+
+def test_unsolicited_421_between_replies_ends_the_transaction() -> None:
+    conn = greeted()
+    tx = MailTransaction(conn, sender=SENDER, recipients=[BOB], body=[b"x"])
+    tx.data_to_send()
+    tx.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n421 4.3.2 shutting down now\r\n")
+    assert tx.done and tx.result.error is not None and "421" in tx.result.error
+    assert conn.state is S.CLOSED and not tx.result.delivered
+
+
+def test_setup_eof_timeout_and_missing_mechanism() -> None:
+    setup = SessionSetup(ClientConnection(ClientConfig(), now=0.0), now=0.0)
+    assert setup.deadline == 300.0
+    assert setup.check_timeout(300.0)
+    assert setup.done and setup.result.error == "timeout waiting for the server"
+    setup = SessionSetup(ClientConnection(ClientConfig()))
+    setup.receive_eof()
+    assert setup.done and setup.result.error == "connection closed by the server"
+    setup = SessionSetup(
+        ClientConnection(ClientConfig(), tls_active=True), sasl=XOAuth2Auth(username="u", token="t")
+    )
+    setup.receive_data(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN\r\n")
+    assert setup.done and setup.result.error == "the server does not offer AUTH XOAUTH2"
+    setup = SessionSetup(ClientConnection(ClientConfig()))
+    setup.receive_data(b"220 mx\r\n451 4.3.0 try later\r\n")
+    assert setup.done and setup.result.error == "EHLO refused"
+    with pytest.raises(LocalProtocolError):
+        SessionSetup(setup.conn)
