@@ -1,10 +1,11 @@
 """The client's hot path: many 1 KB and 100 KB messages through the client engine.
 
-mailwire runs client engine + server engine in memory (MailTransaction over ClientConnection,
-ServerConnection answering); smtplib and aiosmtplib send the same messages over loopback to
-an in-process sink (a minimal threaded SMTP responder, so the sink costs as little as
-possible).  The comparison is not apples to apples -- the engines skip the kernel, the
-others pay for sockets but not for a real server -- and is meant as an order of magnitude.
+mailwire runs client engine + server engine in memory (MailTransaction over
+ClientConnection, ServerConnection answering), and the client engine alone against canned
+replies; smtplib and aiosmtplib send the same messages over loopback to an in-process sink
+(a minimal threaded SMTP responder, so the sink costs as little as possible).  The
+comparison is not apples to apples -- the engines skip the kernel, the others pay for
+sockets but not for a real server -- and is meant as an order of magnitude.
 
     pytest benchmarks/test_client.py --benchmark-only -s     # timings, then the ratios
     python benchmarks/test_client.py                         # just the ratios
@@ -89,6 +90,29 @@ def mailwire_send(messages: int, size: int, *, use_bdat: bool = False) -> int:
             answer = serve(out) if out else b""
             if answer:
                 tx.receive_data(answer)
+        delivered += tx.result.ok
+    return delivered
+
+
+def mailwire_client_only(messages: int, size: int) -> int:
+    """The client engine alone, the server's replies canned: what the client itself costs."""
+    content = body(size)
+    client = ClientConnection(ClientConfig(local_hostname="client.example"))
+    client.receive_data(b"220 mx.example ESMTP\r\n")
+    client.next_event()
+    client.send(Ehlo(domain="client.example"))
+    client.receive_data(b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    client.next_event()
+    client.data_to_send()
+    sender, rcpt = MailFrom(address=SENDER), RcptTo(address=RECIPIENT)
+    delivered = 0
+    for _ in range(messages):
+        tx = MailTransaction(client, sender=sender, recipients=[rcpt], body=[content])
+        tx.data_to_send()
+        tx.receive_data(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+        while tx.data_to_send():
+            pass
+        tx.receive_data(b"250 2.0.0 queued\r\n")
         delivered += tx.result.ok
     return delivered
 
@@ -211,7 +235,7 @@ def ratios(timings: dict[tuple[str, str], float]) -> str:
         if ours is None:
             continue
         parts = [f"{n} x {size // 1024} KB: mailwire {ours * 1000:.1f} ms"]
-        for other in ("mailwire-bdat", "smtplib", "aiosmtplib"):
+        for other in ("mailwire-client-only", "mailwire-bdat", "smtplib", "aiosmtplib"):
             theirs = timings.get((other, case))
             if theirs is not None:
                 parts.append(f"{other} {theirs * 1000:.1f} ms ({theirs / ours:.1f}x)")
@@ -225,6 +249,14 @@ def test_mailwire_engines_in_memory(benchmark, case: str) -> None:  # type: igno
     n, size = CASES[case]
     assert benchmark(mailwire_send, n, size) == n
     record(benchmark, "mailwire", case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.benchmark(group="client: send messages", max_time=0.5)
+def test_mailwire_client_engine_alone(benchmark, case: str) -> None:  # type: ignore[no-untyped-def]
+    n, size = CASES[case]
+    assert benchmark(mailwire_client_only, n, size) == n
+    record(benchmark, "mailwire-client-only", case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -266,6 +298,7 @@ if __name__ == "__main__":
         timings = {}
         for case, (n, size) in CASES.items():
             timings[("mailwire", case)] = _best(mailwire_send, n, size)
+            timings[("mailwire-client-only", case)] = _best(mailwire_client_only, n, size)
             timings[("mailwire-bdat", case)] = _best(
                 lambda n=n, size=size: mailwire_send(n, size, use_bdat=True)
             )
