@@ -19,9 +19,11 @@
 # at any time before closing (RFC 5321 3.8): it becomes an event and the state CLOSED.
 #
 # The state is the shared SessionState, moved by the shared table (_state.next_state) when a
-# reply arrives.  Pipelining (RFC 2920) is checked against a *predicted* state: the state the
-# session reaches if every pending command succeeds (_state.expected_success).  MAIL, RCPT...,
-# DATA can therefore be sent in one go.  When a reply is not the success the prediction
+# reply arrives (one exception: a BDAT refused before any RCPT was accepted leaves MAIL as
+# it is, like DATA's 554, which is what the server engine does).  Pipelining (RFC 2920) is
+# checked against a *predicted* state: the state the session reaches if every pending
+# command succeeds (_state.expected_success).  MAIL, RCPT..., DATA can therefore be sent in
+# one go.  When a reply is not the success the prediction
 # assumed, the prediction is recomputed from the real state and the remaining FIFO.  The
 # engine also enforces RFC 2920 3.1: no pipelining unless PIPELINING was offered, and EHLO,
 # HELO, LHLO, DATA, VRFY, EXPN, NOOP, QUIT, AUTH and STARTTLS end a group.
@@ -38,6 +40,9 @@
 #   * BDAT when CHUNKING was not offered; DATA after BODY=BINARYMIME (RFC 3030 3).
 #   * AUTH without TLS unless ClientConfig.allow_plaintext_auth (RFC 4954 4: clients SHOULD
 #     NOT send credentials in the clear); STARTTLS/AUTH not offered.
+#   * ENVID that is not printable ASCII or longer than 100 characters as xtext (RFC 3461
+#     4.4), ORCPT over 500 (4.2); command lines over 512 octets (RFC 5321 4.5.3.1.4; MAIL and
+#     RCPT get the extensions' allowances, AUTH lines 12288, RFC 4954 4).
 #
 # The body.  In DATA mode MessageData is plain content; the engine normalises line endings to
 # CRLF (a bare LF or bare CR becomes CRLF, RFC 5321 2.3.8), dot-stuffs (4.5.2) and, at
