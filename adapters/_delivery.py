@@ -43,6 +43,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,8 +67,10 @@ from mailwire.protocol._queue import (
     Delivery,
     QueuedMessage,
     Recipient,
+    RecipientState,
     RetryPolicy,
 )
+from mailwire.protocol._queue import RecipientStatus as QueueStatus
 from mailwire.protocol._routing import (
     ConnectionLost,
     DeliveryWalk,
@@ -510,11 +514,120 @@ def delivery_recipients(delivery: Delivery) -> dict[str, Recipient]:
     return {r.address: r for r in delivery.recipients}
 
 
+# --- recipient journal: final results survive a restart ------------------------------------
+
+
+class RecipientJournal:
+    """Which recipients of a spooled message are final already, on disk.
+
+    The spool stores a message and its envelope once, at acceptance; the journal adds one
+    append-only file per message (``<directory>/<queue ID>``), one JSON line per recipient that
+    became DELIVERED or FAILED, fsync()ed before the agent goes on.  After a crash, start()
+    restores those states into the Scheduler, so a recipient that got the message is not sent
+    it again, and one that bounced is not bounced twice.  A torn last line (a crash mid-append)
+    is ignored: that recipient is simply tried again (at least once, never lost).
+
+    Order of the agent's writes after an attempt: notifications (stored in the spool) first,
+    then the journal, then the removal of a finished message -- so each crash point leaves
+    either a repeatable step or nothing to do.
+
+    Args:
+        directory: where the journal files live (created if missing).
+        fsync: flush each append (False only for tests).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.directory = os.fspath(directory)
+        self.fsync = fsync
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def _path(self, queue_id: str) -> str:
+        if not queue_id or not queue_id.isalnum():
+            raise ValueError(f"not a queue ID: {queue_id!r}")
+        return os.path.join(self.directory, queue_id)
+
+    def record(self, queue_id: str, states: Sequence[RecipientState]) -> None:
+        """Append the final ``states`` (others are ignored) durably."""
+        lines = []
+        for st in states:
+            if not st.status.is_final:
+                continue
+            reply = st.reply
+            entry = {
+                "address": st.recipient.address,
+                "status": st.status.value,
+                "code": None if reply is None else reply.code,
+                "text": None if reply is None else reply.text,
+                "remote_mta": st.remote_mta,
+                "expired": st.expired,
+                "attempts": st.attempts,
+                "last_attempt": st.last_attempt,
+            }
+            lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        if not lines:
+            return
+        fd = os.open(
+            self._path(queue_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            data = "".join(lines).encode("utf-8", "surrogatepass")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def states(self, message: QueuedMessage) -> list[RecipientState]:
+        """The recorded states of ``message``'s recipients (PENDING when none)."""
+        found: dict[str, RecipientState] = {}
+        by_address = {r.address: r for r in message.recipients}
+        try:
+            with open(self._path(message.queue_id), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        for line in raw.split(b"\n"):
+            try:
+                entry = json.loads(line)
+                rcpt = by_address[entry["address"]]
+                reply = (
+                    None
+                    if entry["code"] is None
+                    else Reply(code=int(entry["code"]), text=str(entry["text"]))
+                )
+                found[rcpt.address] = RecipientState(
+                    recipient=rcpt,
+                    status=QueueStatus(entry["status"]),
+                    reply=reply,
+                    remote_mta=entry["remote_mta"],
+                    expired=bool(entry["expired"]),
+                    attempts=int(entry["attempts"]),
+                    last_attempt=entry["last_attempt"],
+                )
+            except (ValueError, KeyError, TypeError, LocalProtocolError):
+                continue  # a torn or foreign line: that recipient is tried again
+        return [found.get(r.address, RecipientState(recipient=r)) for r in message.recipients]
+
+    def forget(self, queue_id: str) -> None:
+        """Remove a finished message's journal."""
+        try:
+            os.unlink(self._path(queue_id))
+        except FileNotFoundError:
+            pass
+
+    def list(self) -> list[str]:
+        """The queue IDs that have a journal."""
+        return sorted(os.listdir(self.directory))
+
+
 __all__ = [
     "AttemptReport",
     "DeliveryConfig",
     "DeliverySession",
     "Nameservers",
+    "RecipientJournal",
     "TLSPolicy",
     "delivery_recipients",
     "notifications",

@@ -23,9 +23,12 @@
 # ever lost or stuck.
 #
 # Restart.  start() queues every message the store holds (SpoolHandler's recovery already
-# removed unacknowledged leftovers).  The store keeps no per-recipient state yet, so a message
-# that was delivered to some recipients before a crash is delivered to them again (at least
-# once, never lost: RFC 5321 6.1 prefers a duplicate to a loss).
+# removed unacknowledged leftovers).  The spool keeps no per-recipient state, so final
+# results go to a RecipientJournal (adapters/_delivery.py) when one is given: start() restores
+# them, and a recipient that had the message is not sent it again.  Without a journal a
+# restart delivers again to recipients that already had it (at least once, never lost: RFC
+# 5321 6.1 prefers a duplicate to a loss).  Write order after each attempt: notifications
+# (into the spool), then the journal, then the removal of a finished message.
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +45,7 @@ import anyio.streams.tls
 from mailwire.adapters._delivery import (
     DeliveryConfig,
     DeliverySession,
+    RecipientJournal,
     TLSPolicy,
     delivery_recipients,
     notifications,
@@ -54,7 +58,14 @@ from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError
 from mailwire.protocol._dnsquery import RouteLookup
 from mailwire.protocol._dsn import DSNMessage
 from mailwire.protocol._events import MailFrom, RcptTo, Reply
-from mailwire.protocol._queue import Completion, Delivery, QueuedMessage, Recipient, Scheduler
+from mailwire.protocol._queue import (
+    Completion,
+    Delivery,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    Scheduler,
+)
 from mailwire.protocol._routing import (
     ConnectFailed,
     DeliveryWalk,
@@ -85,6 +96,8 @@ class DeliveryAgent:
         scheduler: the Scheduler (default: a new one with ``config.retry``).
         clock: the Scheduler's clock, seconds.
         rng: source of routing seeds.
+        journal: where final recipient results are kept across restarts (None: nowhere;
+            a restart then delivers again to recipients that already had the message).
     """
 
     def __init__(
@@ -96,8 +109,10 @@ class DeliveryAgent:
         scheduler: Scheduler | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        journal: RecipientJournal | None = None,
     ) -> None:
         self.store = store
+        self.journal = journal
         self.config = config
         self.local = local
         self.scheduler = scheduler or Scheduler(config.retry)
@@ -113,32 +128,57 @@ class DeliveryAgent:
 
     # --- feeding the queue --------------------------------------------------------------------
 
-    def enqueue(self, queue_id: str, envelope: SpoolEnvelope) -> None:
-        """Queue a message the store already holds (call on the agent's event loop)."""
+    def enqueue(
+        self,
+        queue_id: str,
+        envelope: SpoolEnvelope,
+        *,
+        states: Sequence[RecipientState] | None = None,
+    ) -> None:
+        """Queue a message the store already holds (call on the agent's event loop).
+
+        Args:
+            queue_id: its queue ID.
+            envelope: its envelope.
+            states: recipient states restored from the journal (default: all pending).
+        """
         if queue_id in self.scheduler:
             return
-        message = queued_message(
-            queue_id,
-            sender=envelope.sender,
-            recipients=envelope.recipients,
-            arrival=envelope.arrival or self.clock(),
-            size=envelope.size,
-        )
-        self.scheduler.add(message, due=min(message.arrival, self.clock()))
+        message = self._message(queue_id, envelope)
+        self.scheduler.add(message, due=min(message.arrival, self.clock()), states=states)
         log.info("%s: queued from=<%s> nrcpt=%d", queue_id, message.sender, len(message.recipients))
         self.wake()
 
     async def start(self) -> list[str]:
         """Queue every message in the store (after a restart).  Returns their queue IDs."""
         ids = await anyio.to_thread.run_sync(self.store.list)
+        queued = []
         for queue_id in ids:
             try:
                 stored = await anyio.to_thread.run_sync(self.store.get, queue_id)
             except SpoolError as exc:
                 log.error("%s: cannot read from the spool: %s", queue_id, exc)
                 continue
-            self.enqueue(queue_id, stored.envelope)
-        return ids
+            states = None
+            if self.journal is not None:
+                message = self._message(queue_id, stored.envelope)
+                states = await anyio.to_thread.run_sync(self.journal.states, message)
+                if all(st.status.is_final for st in states):
+                    # finished before the restart, only its removal was missing
+                    await self._remove(queue_id)
+                    continue
+            self.enqueue(queue_id, stored.envelope, states=states)
+            queued.append(queue_id)
+        return queued
+
+    def _message(self, queue_id: str, envelope: SpoolEnvelope) -> QueuedMessage:
+        return queued_message(
+            queue_id,
+            sender=envelope.sender,
+            recipients=envelope.recipients,
+            arrival=envelope.arrival or self.clock(),
+            size=envelope.size,
+        )
 
     async def submit(self, sender: MailFrom, recipients: Sequence[RcptTo], content: bytes) -> str:
         """Store a message durably and queue it (for embedding and bounces).
@@ -318,12 +358,20 @@ class DeliveryAgent:
                 # that the next start delivers it again rather than lose the bounce.
                 log.exception("%s: could not queue the %s notice", message.queue_id, dsn.kind)
                 return
+        final = completion.delivered + completion.failed
+        if self.journal is not None and final and completion.finished is None:
+            await anyio.to_thread.run_sync(self.journal.record, message.queue_id, final)
         if completion.finished is not None:
-            try:
-                await anyio.to_thread.run_sync(self.store.delete, message.queue_id)
-            except SpoolError as exc:
-                log.warning("%s: could not remove from the spool: %s", message.queue_id, exc)
-            log.info("%s: removed", message.queue_id)
+            await self._remove(message.queue_id)
+
+    async def _remove(self, queue_id: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.store.delete, queue_id)
+        except SpoolError as exc:
+            log.warning("%s: could not remove from the spool: %s", queue_id, exc)
+        if self.journal is not None:
+            await anyio.to_thread.run_sync(self.journal.forget, queue_id)
+        log.info("%s: removed", queue_id)
 
     async def _queue_dsn(self, queue_id: str, dsn: DSNMessage) -> None:
         # RFC 5321 6.1: the notification "MUST be sent using a null ("<>") reverse-path".

@@ -37,7 +37,7 @@ from typing import Any
 
 import anyio.from_thread
 
-from mailwire.adapters._delivery import DeliveryConfig, TLSPolicy
+from mailwire.adapters._delivery import DeliveryConfig, RecipientJournal, TLSPolicy
 from mailwire.adapters._delivery_anyio import DeliveryAgent, LocalDeliver
 from mailwire.adapters._driver import BaseController
 from mailwire.adapters._maildir import MaildirDelivery
@@ -139,6 +139,8 @@ class DeliverySettings:
         connect_timeout, reply_timeout: outbound timeouts, seconds.
         destination_concurrency: simultaneous deliveries per destination domain.
         aliases: local recipient -> mailbox address.
+        journal: the directory of the recipient journal (final results kept across restarts;
+            "" : ``<spool>/journal``).
     """
 
     delivery_port: int = 25
@@ -154,6 +156,7 @@ class DeliverySettings:
     reply_timeout: float = 300.0
     destination_concurrency: int = 20
     aliases: dict[str, str] = field(default_factory=dict)
+    journal: str = ""
 
 
 def _nameserver(text: str) -> tuple[str, int]:
@@ -245,7 +248,12 @@ class MTA:
                 fsync=self.fsync,
                 aliases=self.delivery.aliases,
             )
-        self.agent = agent = DeliveryAgent(handler.store, config, local=local, clock=time.time)
+        journal = RecipientJournal(
+            self.delivery.journal or os.path.join(settings.spool, "journal"), fsync=self.fsync
+        )
+        self.agent = agent = DeliveryAgent(
+            handler.store, config, local=local, clock=time.time, journal=journal
+        )
         runtime = self.delivery.runtime or ("trio" if settings.runtime == "trio" else "asyncio")
         self._portal_cm = anyio.from_thread.start_blocking_portal(runtime)
         self._portal = portal = self._portal_cm.__enter__()

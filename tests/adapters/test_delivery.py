@@ -21,7 +21,9 @@ import pytest
 from mailwire.adapters._delivery import (
     DeliveryConfig,
     DeliverySession,
+    RecipientJournal,
     TLSPolicy,
+    queued_message,
     report_from_results,
 )
 from mailwire.adapters._delivery_anyio import DeliveryAgent
@@ -32,7 +34,7 @@ from mailwire.adapters.threads import Controller
 from mailwire.protocol._config import ClientConfig, ServerConfig
 from mailwire.protocol._dsn import DSNAction, parse_dsn
 from mailwire.protocol._events import MailFrom, RcptTo, Reply
-from mailwire.protocol._queue import RecipientStatus, RetryPolicy
+from mailwire.protocol._queue import RecipientState, RecipientStatus, RetryPolicy
 from mailwire.protocol._routing import (
     AddressPreference,
     DeliveryWalk,
@@ -693,6 +695,75 @@ def test_notify_never_suppresses_the_bounce(mx: Net, tmp_path: Path) -> None:
         await w.agent.run_once()
         assert bounces(mx) == []
         assert w.store.list() == []
+
+    run(mx, tmp_path, body)
+
+
+def test_a_restart_does_not_deliver_again_to_recipients_that_had_the_message(
+    mx: Net, tmp_path: Path
+) -> None:
+    journal = RecipientJournal(tmp_path / "journal", fsync=False)
+
+    async def body(w: World) -> None:
+        first = DeliveryAgent(w.store, w.agent.config, clock=w.clock, journal=journal)
+        qid = await first.submit(
+            MailFrom(address=SENDER),
+            [RcptTo(address="ok@backup.test"), RcptTo(address="later@down.test")],
+            MESSAGE,
+        )
+        await first.run_once()
+        assert len(mx.receivers["127.0.0.3"].messages) == 1
+        # the process dies; a new agent starts on the same spool and journal
+        second = DeliveryAgent(w.store, w.agent.config, clock=w.clock, journal=journal)
+        assert await second.start() == [qid]
+        states = {s.recipient.address: s.status for s in second.scheduler.message(qid).recipients}
+        assert states["ok@backup.test"] is RecipientStatus.DELIVERED
+        assert states["later@down.test"] is RecipientStatus.PENDING
+        backup = mx.start_receiver("127.0.0.6")
+        await second.run_once()
+        assert only(backup.messages).recipients == ["later@down.test"]
+        assert len(mx.receivers["127.0.0.3"].messages) == 1  # not a second time
+        assert w.store.list() == [] and journal.list() == []
+
+    try:
+        run(mx, tmp_path, body)
+    finally:
+        mx.stop_receiver("127.0.0.6")
+
+
+def test_journal_ignores_a_torn_line_and_start_removes_finished_messages(
+    mx: Net, tmp_path: Path
+) -> None:
+    journal = RecipientJournal(tmp_path / "journal", fsync=False)
+
+    async def body(w: World) -> None:
+        env = SpoolEnvelope(
+            sender=MailFrom(address=SENDER),
+            recipients=(RcptTo(address="a@local.test"), RcptTo(address="b@local.test")),
+            arrival=w.clock.now,
+        )
+        done_id = w.store.put(env, [MESSAGE])
+        torn_id = w.store.put(env, [MESSAGE])
+        message = queued_message(
+            done_id, sender=env.sender, recipients=env.recipients, arrival=0, size=0
+        )
+        delivered = [
+            RecipientState(
+                recipient=r, status=RecipientStatus.DELIVERED, reply=Reply(code=250, text="ok")
+            )
+            for r in message.recipients
+        ]
+        journal.record(done_id, delivered)
+        journal.record(torn_id, delivered[:1])
+        with open(tmp_path / "journal" / torn_id, "ab") as f:
+            f.write(b'{"address": "b@local.te')  # a crash mid-append
+        agent = DeliveryAgent(
+            w.store, w.agent.config, clock=w.clock, journal=journal, local=w.agent.local
+        )
+        assert await agent.start() == [torn_id]
+        assert w.store.list() == [torn_id]  # the finished one is gone
+        await agent.run_once()
+        assert [p.parent.parent.name for p in w.maildirs.glob("local.test/*/new/*")] == ["b"]
 
     run(mx, tmp_path, body)
 
