@@ -343,14 +343,15 @@ class DeliveryAgent:
     async def _after(
         self, completion: Completion, message: QueuedMessage, content: bytes, now: float
     ) -> None:
-        for dsn in notifications(
+        dsns = notifications(
             completion,
             message,
             hostname=self.config.hostname,
             now=now,
             content=content,
             policy=self.scheduler.policy,
-        ):
+        )
+        for dsn in dsns:
             try:
                 await self._queue_dsn(message.queue_id, dsn)
             except Exception:
@@ -359,7 +360,9 @@ class DeliveryAgent:
                 log.exception("%s: could not queue the %s notice", message.queue_id, dsn.kind)
                 return
         final = completion.delivered + completion.failed
-        if self.journal is not None and final and completion.finished is None:
+        # A finished message is removed next; journaling it too costs an fsync and only
+        # matters when a notice went out (a crash before the removal must not send it twice).
+        if self.journal is not None and final and (completion.finished is None or dsns):
             await anyio.to_thread.run_sync(self.journal.record, message.queue_id, final)
         if completion.finished is not None:
             await self._remove(message.queue_id)
