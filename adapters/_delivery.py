@@ -42,6 +42,7 @@
 # and must not lose it, so the recipients stay queued (ConnectionLost) and are tried again.
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -75,6 +76,7 @@ from mailwire.protocol._routing import (
     ConnectionLost,
     DeliveryWalk,
     MessageReply,
+    NextHop,
     RecipientReply,
     RecipientResult,
     RecipientStatus,
@@ -112,6 +114,9 @@ class DeliveryConfig:
         max_connections: targets tried per attempt at most (None: all of them).
         max_deliveries: deliveries in flight at once, all destinations together.
         client: the client engine's configuration (None: derived from ``hostname``).
+        lmtp: deliver local domains over LMTP (RFC 2033) to this mailbox server (a
+            NextHop without MX lookup, e.g. ``NextHop.parse("[127.0.0.1]:24")``) instead of
+            the local delivery callable; None: the callable.
     """
 
     hostname: str = "localhost"
@@ -126,10 +131,12 @@ class DeliveryConfig:
     max_connections: int | None = None
     max_deliveries: int = 100
     client: ClientConfig | None = None
+    lmtp: NextHop | None = None
 
-    def client_config(self) -> ClientConfig:
-        """The client engine configuration to use."""
-        return self.client or ClientConfig(local_hostname=self.hostname)
+    def client_config(self, *, lmtp: bool = False) -> ClientConfig:
+        """The client engine configuration to use (for SMTP, or for LMTP)."""
+        config = self.client or ClientConfig(local_hostname=self.hostname)
+        return dataclasses.replace(config, lmtp=lmtp) if config.lmtp != lmtp else config
 
 
 def opportunistic_context() -> ssl.SSLContext:

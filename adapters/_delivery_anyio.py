@@ -69,6 +69,7 @@ from mailwire.protocol._queue import (
 from mailwire.protocol._routing import (
     ConnectFailed,
     DeliveryWalk,
+    Destination,
     Route,
     RouteKind,
     group_recipients,
@@ -122,6 +123,7 @@ class DeliveryAgent:
             config.nameservers, timeout=config.dns_timeout, lifetime=config.dns_lifetime
         )
         self.client_config = config.client_config()
+        self.lmtp_config = config.client_config(lmtp=True)
         self.tls_context = opportunistic_context()
         self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
         self._wake: anyio.Event | None = None
@@ -270,7 +272,14 @@ class DeliveryAgent:
             route = lookup.result or await resolve_route_async(lookup, self.resolver)
             for line in route.trace:
                 log.debug("%s: route %s: %s", queue_id, route.nexthop, line)
-            if route.kind is RouteKind.LOCAL:
+            if route.kind is RouteKind.LOCAL and self.config.lmtp is not None:
+                route = await self._lmtp_route(route)
+                results.extend(
+                    await self._walk(
+                        route, stored.envelope.sender, rcpts, content, queue_id, lmtp=True
+                    )
+                )
+            elif route.kind is RouteKind.LOCAL:
                 results.extend(await self._deliver_local(route, message, content))
             else:
                 results.extend(
@@ -419,6 +428,21 @@ class DeliveryAgent:
             out.append(WalkResult(recipient=rcpt, status=status, reply=reply))
         return out
 
+    async def _lmtp_route(self, local: Route) -> Route:
+        """The route of local recipients to the LMTP mailbox server (its address looked up
+        like a relay host's, by the same DNS machine)."""
+        hop = self.config.lmtp
+        assert hop is not None
+        destination = Destination(
+            local=False,
+            domain=local.nexthop,
+            nexthop=hop,
+            recipients=local.recipients,
+            reason=f"{local.nexthop} is a local domain: LMTP to {hop}",
+        )
+        lookup = RouteLookup(destination, config=self.config.routing, seed=0)
+        return lookup.result or await resolve_route_async(lookup, self.resolver)
+
     async def _walk(
         self,
         route: Route,
@@ -426,6 +450,8 @@ class DeliveryAgent:
         rcpts: dict[str, Recipient],
         content: bytes,
         queue_id: str,
+        *,
+        lmtp: bool = False,
     ) -> list[WalkResult]:
         walk = DeliveryWalk(route, max_connections=self.config.max_connections)
         while (target := walk.next_target()) is not None:
@@ -442,7 +468,7 @@ class DeliveryAgent:
                 sender=sender,
                 recipients=rcpts,
                 content=content,
-                config=self.client_config,
+                config=self.lmtp_config if lmtp else self.client_config,
                 starttls=None if self.config.tls is TLSPolicy.OPPORTUNISTIC else False,
                 timeout=self.config.reply_timeout,
                 now=anyio.current_time(),

@@ -139,6 +139,8 @@ class DeliverySettings:
         connect_timeout, reply_timeout: outbound timeouts, seconds.
         destination_concurrency: simultaneous deliveries per destination domain.
         aliases: local recipient -> mailbox address.
+        lmtp: deliver local domains over LMTP to this server (``"[127.0.0.1]:24"``) instead
+            of the Maildirs; "" : Maildirs.
         journal: the directory of the recipient journal (final results kept across restarts;
             "" : ``<spool>/journal``).
     """
@@ -156,6 +158,7 @@ class DeliverySettings:
     reply_timeout: float = 300.0
     destination_concurrency: int = 20
     aliases: dict[str, str] = field(default_factory=dict)
+    lmtp: str = ""
     journal: str = ""
 
 
@@ -224,6 +227,7 @@ class MTA:
             tls=TLSPolicy.OPPORTUNISTIC if d.outbound_tls else TLSPolicy.NONE,
             connect_timeout=d.connect_timeout,
             reply_timeout=d.reply_timeout,
+            lmtp=NextHop.parse(d.lmtp) if d.lmtp else None,
         )
 
     def start(self) -> None:

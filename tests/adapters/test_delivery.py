@@ -38,6 +38,7 @@ from mailwire.protocol._queue import RecipientState, RecipientStatus, RetryPolic
 from mailwire.protocol._routing import (
     AddressPreference,
     DeliveryWalk,
+    NextHop,
     Route,
     RouteKind,
     RoutingConfig,
@@ -766,6 +767,42 @@ def test_journal_ignores_a_torn_line_and_start_removes_finished_messages(
         assert [p.parent.parent.name for p in w.maildirs.glob("local.test/*/new/*")] == ["b"]
 
     run(mx, tmp_path, body)
+
+
+class LmtpMailboxes(Receiver):
+    """An LMTP server: one final reply per recipient; full@ gets 552 (mailbox full)."""
+
+    def on_message_end(self, session: Session) -> Any:
+        super().on_message_end(session)
+        return [
+            Reply(code=552, text="5.2.2 mailbox full")
+            if r.address.startswith("full@")
+            else Reply(code=250, text=f"2.0.0 <{r.address}> saved")
+            for r in session.envelope.recipients
+        ]
+
+
+def test_local_domains_can_go_over_lmtp_with_per_recipient_results(mx: Net, tmp_path: Path) -> None:
+    boxes = LmtpMailboxes()
+    server = Controller(boxes, ServerConfig(hostname="store.test", lmtp=True))
+    server.start()
+    host, port = server.addresses[0]
+
+    async def body(w: World) -> None:
+        qid = await submit(w, "ok@local.test", "full@local.test")
+        await w.agent.run_once()
+        got = only(boxes.messages)
+        assert got.recipients == ["ok@local.test", "full@local.test"]
+        (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
+        assert rcpt.final_recipient == "rfc822;full@local.test"
+        assert rcpt.status == "5.2.2"
+        assert qid not in w.agent.scheduler
+        assert list(w.maildirs.glob("*/*/new/*")) == []  # nothing went to the Maildirs
+
+    try:
+        run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port))
+    finally:
+        server.stop()
 
 
 # --- the I/O-free session against scripted replies ----------------------------------------------
