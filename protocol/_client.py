@@ -42,7 +42,7 @@
 #     NOT send credentials in the clear); STARTTLS/AUTH not offered.
 #   * ENVID that is not printable ASCII or longer than 100 characters as xtext (RFC 3461
 #     4.4), ORCPT over 500 (4.2); command lines over 512 octets (RFC 5321 4.5.3.1.4; MAIL and
-#     RCPT get the extensions' allowances, AUTH lines 12288, RFC 4954 4).
+#     RCPT get the extensions' allowances, SASL responses 12288, RFC 4954 4).
 #
 # The body.  In DATA mode MessageData is plain content; the engine normalises line endings to
 # CRLF (a bare LF or bare CR becomes CRLF, RFC 5321 2.3.8), dot-stuffs (4.5.2) and, at
@@ -224,6 +224,15 @@ class SaslMechanism:
             raise LocalProtocolError(f"not a SASL challenge: {challenge.code}")
         return challenge.text.strip()
 
+    @staticmethod
+    def _opening(mechanism: str, message: str) -> Auth:
+        """AUTH with ``message`` as the initial response if the line stays within 512 octets;
+        RFC 4954 4: otherwise the client "MUST NOT use the initial response parameter" and
+        sends it after the server's empty 334 instead."""
+        if len(mechanism) + len(message) + 8 > MAX_COMMAND_LINE:  # "AUTH m r\r\n"
+            return Auth(mechanism=mechanism)
+        return Auth(mechanism=mechanism, initial_response=message)
+
 
 class PlainAuth(SaslMechanism):
     """AUTH PLAIN (RFC 4616) with the credentials as the initial response (RFC 4954 4).
@@ -240,16 +249,22 @@ class PlainAuth(SaslMechanism):
         if "\x00" in username + password + authzid:
             raise LocalProtocolError("PLAIN credentials must not contain NUL (RFC 4616 2)")
         self._message = _b64(f"{authzid}\x00{username}\x00{password}")
+        self._pending = True  # the credentials still have to be sent after a 334
 
     def __repr__(self) -> str:
         return "PlainAuth(...)"
 
     def start(self) -> Auth:
-        return Auth(mechanism="PLAIN", initial_response=self._message)
+        auth = self._opening("PLAIN", self._message)
+        self._pending = auth.initial_response is None
+        return auth
 
     def respond(self, challenge: Reply) -> AuthResponse:
-        self._check(challenge)  # a server that ignored the initial response: send it again
-        return AuthResponse(data=self._message)
+        self._check(challenge)
+        if self._pending:  # the credentials were too long for the AUTH line
+            self._pending = False
+            return AuthResponse(data=self._message)
+        return AuthResponse(data="*")  # PLAIN has one step: cancel (RFC 4954 4)
 
 
 class LoginAuth(SaslMechanism):
@@ -298,16 +313,23 @@ class XOAuth2Auth(SaslMechanism):
         if "\x01" in username + token:
             raise LocalProtocolError("XOAUTH2 user and token must not contain ^A")
         self._message = _b64(f"user={username}\x01auth=Bearer {token}\x01\x01")
+        self._pending = True
 
     def __repr__(self) -> str:
         return "XOAuth2Auth(...)"
 
     def start(self) -> Auth:
-        return Auth(mechanism="XOAUTH2", initial_response=self._message)
+        # Access tokens are often longer than an AUTH line may be (RFC 4954 4).
+        auth = self._opening("XOAUTH2", self._message)
+        self._pending = auth.initial_response is None
+        return auth
 
     def respond(self, challenge: Reply) -> AuthResponse:
         self._check(challenge)
-        return AuthResponse(data="")
+        if self._pending:
+            self._pending = False
+            return AuthResponse(data=self._message)
+        return AuthResponse(data="")  # the error challenge: an empty line, then the 5yz
 
 
 def parse_extensions(reply: Reply) -> dict[str, str]:
@@ -805,8 +827,9 @@ class ClientConnection:
     @staticmethod
     def _check_line(command: Command, line: bytes) -> None:
         """RFC 5321 4.5.3.1.4: command lines of at most 512 octets, CRLF included; MAIL and
-        RCPT get the extensions' allowances, AUTH lines 12288 (RFC 4954 4)."""
-        if isinstance(command, (Auth, AuthResponse)):
+        RCPT get the extensions' allowances; SASL response lines 12288, while the AUTH
+        command itself "is still subject to the line length limitations" (RFC 4954 4)."""
+        if isinstance(command, AuthResponse):
             limit = MAX_AUTH_LINE
         elif isinstance(command, (MailFrom, RcptTo)):
             limit = _MAIL_LINE_LIMIT

@@ -1070,3 +1070,38 @@ def test_plain_answers_an_empty_challenge_and_login_tolerates_odd_prompts() -> N
     login = LoginAuth(username="u", password="p")
     login.start()
     assert login.respond(Reply(code=334, text="not base64!")) == AuthResponse(data="dQ==")
+
+
+def test_long_sasl_credentials_go_after_an_empty_challenge() -> None:
+    conn = greeted(tls=True)
+    sasl = XOAuth2Auth(username="alice@example.com", token="t" * 2000)  # a Microsoft-sized token
+    auth = sasl.start()
+    assert auth == Auth(mechanism="XOAUTH2")  # RFC 4954 4: no initial response over 512
+    conn.send(auth)
+    assert conn.data_to_send() == b"AUTH XOAUTH2\r\n"  # C:
+    conn.receive_data(b"334 \r\n")  # S:
+    [challenge] = events(conn)
+    assert isinstance(challenge, Reply)
+    conn.send(sasl.respond(challenge))
+    line = conn.data_to_send()  # C: the token, on a line of its own (up to 12288 octets)
+    assert len(line) > 2000 and base64.b64decode(line).startswith(b"user=alice@example.com\x01")
+    conn.receive_data(b"235 2.7.0 ok\r\n")  # S:
+    events(conn)
+    assert conn.authenticated
+    plain = PlainAuth(username="u", password="p" * 600)
+    assert plain.start().initial_response is None
+    first = plain.respond(Reply(code=334))
+    assert base64.b64decode(first.data) == b"\x00u\x00" + b"p" * 600
+    assert plain.respond(Reply(code=334)) == AuthResponse(data="*")  # no second step
+
+
+def test_auth_line_over_512_and_sasl_responses_over_12288_are_refused() -> None:
+    conn = greeted(tls=True)
+    with pytest.raises(LocalProtocolError, match="512"):
+        conn.send(Auth(mechanism="PLAIN", initial_response="A" * 600))
+    conn.send(Auth(mechanism="LOGIN"))
+    conn.receive_data(b"334 VXNlcm5hbWU6\r\n")
+    events(conn)
+    with pytest.raises(LocalProtocolError, match="12288"):
+        conn.send(AuthResponse(data="A" * 12287))
+    conn.send(AuthResponse(data="A" * 12286))

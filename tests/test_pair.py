@@ -445,3 +445,23 @@ def test_everything_pipelined_in_one_write_is_answered_in_order(split_seed: int)
     replies = [r for r in pair.run() if isinstance(r, Reply)]
     assert [r.command for r in replies] == [SENDER, *rcpts, Data()]
     assert pair.client.accepted_recipients == 50
+
+
+def test_long_plain_credentials_reach_the_server_after_the_empty_challenge() -> None:
+    pair = ConnectionPair(
+        client_config=CLIENT, server_config=replace(SERVER, auth_requires_tls=False)
+    )
+    pair.run()
+    pair.send(Ehlo(domain="client.example"))
+    pair.run()
+    sasl = PlainAuth(username="bob", password="p" * 700)
+    pair.send(sasl.start())
+    [challenge] = pair.run()
+    assert isinstance(challenge, Reply) and challenge.code == 334
+    pair.client.send(sasl.respond(challenge))
+    pair.run()
+    assert pair.server_events[-1] == AuthCredentials(
+        mechanism="PLAIN", authorization_id="", username="bob", password="p" * 700
+    )
+    assert pair.client.authenticated
+    assert_in_step(pair)
