@@ -85,6 +85,14 @@ from mailwire.protocol._routing import (
     Stage,
     Target,
 )
+from mailwire.protocol._trace import (
+    DEFAULT_MAX_RECEIVED,
+    TraceInfo,
+    check_hop_count,
+    count_received,
+    received_header,
+    with_protocol,
+)
 from mailwire.protocol._transaction import MailTransaction, SessionSetup
 
 Nameservers = Sequence[tuple[str, int]]
@@ -521,6 +529,52 @@ def delivery_recipients(delivery: Delivery) -> dict[str, Recipient]:
     return {r.address: r for r in delivery.recipients}
 
 
+def with_received(
+    content: bytes,
+    *,
+    peer: str,
+    hello: str | None,
+    tls: bool,
+    authenticated: bool,
+    smtputf8: bool,
+    recipients: Sequence[str],
+    queue_id: str,
+    hostname: str,
+    arrival: float,
+) -> bytes:
+    """Prepend the Received field of the hop that accepted the message (RFC 5321 4.4: the
+    server "MUST insert trace ... information at the beginning of the message content").
+
+    The spool stores the content as received; the agent adds the trace field when the message
+    leaves (relay or final delivery), from the facts the spool kept.  A message without a peer
+    (generated here: a bounce) gets none.  ``for`` names the recipient only when there is
+    exactly one (RFC 5321 7.2: listing several would leak Bcc recipients).
+    """
+    if not peer:
+        return content
+    try:
+        header = received_header(
+            TraceInfo(
+                helo=hello or f"[{peer}]",
+                client_address=peer.split("%", 1)[0],
+                by=hostname,
+                protocol=with_protocol(tls=tls, authenticated=authenticated, smtputf8=smtputf8),
+                queue_id=queue_id,
+                recipient=recipients[0] if len(recipients) == 1 else None,
+                timestamp=arrival,
+            )
+        )
+    except (ValueError, LocalProtocolError):
+        return content
+    return header + content
+
+
+def loop_reply(content: bytes, *, limit: int = DEFAULT_MAX_RECEIVED) -> Reply | None:
+    """554 5.4.6 when the message already carries more than ``limit`` Received fields (RFC
+    5321 6.3), else None."""
+    return check_hop_count(count_received(content), limit=limit)
+
+
 # --- recipient journal: final results survive a restart ------------------------------------
 
 
@@ -637,6 +691,8 @@ __all__ = [
     "RecipientJournal",
     "TLSPolicy",
     "delivery_recipients",
+    "loop_reply",
+    "with_received",
     "notifications",
     "opportunistic_context",
     "queued_message",

@@ -48,10 +48,12 @@ from mailwire.adapters._delivery import (
     RecipientJournal,
     TLSPolicy,
     delivery_recipients,
+    loop_reply,
     notifications,
     opportunistic_context,
     queued_message,
     report_from_results,
+    with_received,
 )
 from mailwire.adapters._dns import make_async_resolver, resolve_route_async
 from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError
@@ -262,9 +264,25 @@ class DeliveryAgent:
                 remote_mta=None,
                 failed_conn=False,
             )
-        content = stored.content
+        env = stored.envelope
         rcpts = delivery_recipients(delivery)
+        loop = loop_reply(stored.content)
+        content = with_received(
+            stored.content,
+            peer=env.peer[0],
+            hello=env.hello,
+            tls=env.tls,
+            authenticated=env.authenticated_as is not None,
+            smtputf8=env.sender.smtputf8,
+            recipients=[r.address for r in env.recipients],
+            queue_id=queue_id,
+            hostname=self.config.hostname,
+            arrival=env.arrival,
+        )
         results: list[WalkResult] = []
+        if loop is not None:  # RFC 5321 6.3: a mail loop; bounce rather than pass it on
+            results = [WalkResult(recipient=r, status=WalkStatus.FAILED, reply=loop) for r in rcpts]
+            rcpts = {}
         for destination in group_recipients(rcpts, self.config.routing):
             lookup = RouteLookup(
                 destination, config=self.config.routing, seed=self.rng.getrandbits(32)

@@ -805,6 +805,34 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(mx: Net, tmp_
         server.stop()
 
 
+def test_a_mail_loop_is_bounced_not_passed_on(mx: Net, tmp_path: Path) -> None:
+    looped = b"".join(b"Received: from hop%d.test by x.test; now\r\n" % i for i in range(101))
+
+    async def body(w: World) -> None:
+        await w.agent.submit(
+            MailFrom(address=SENDER), [RcptTo(address="bob@backup.test")], looped + MESSAGE
+        )
+        await w.agent.run_once()
+        assert mx.receivers["127.0.0.3"].sessions == 0
+        (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
+        assert rcpt.status == "5.4.6"
+
+    run(mx, tmp_path, body)
+
+
+def test_a_hundred_hops_are_still_delivered(mx: Net, tmp_path: Path) -> None:
+    hops = b"".join(b"Received: from hop%d.test by x.test; now\r\n" % i for i in range(100))
+
+    async def body(w: World) -> None:
+        await w.agent.submit(
+            MailFrom(address=SENDER), [RcptTo(address="bob@backup.test")], hops + MESSAGE
+        )
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).content == hops + MESSAGE
+
+    run(mx, tmp_path, body)
+
+
 # --- the I/O-free session against scripted replies ----------------------------------------------
 
 

@@ -118,6 +118,9 @@ def test_mta_relays_by_mx_and_delivers_local_mail_to_maildir(
         got = remote.messages[0]
         assert got.recipients == ["bob@remote.test"] and got.sender == "a@sender.test"
         assert got.content.endswith(MESSAGE)
+        # the trace field of our hop, added when the message left (RFC 5321 4.4)
+        assert got.content.startswith(b"Received: from ")
+        assert b"by mta.test" in got.content.split(MESSAGE)[0]
         (path,) = (tmp_path / "mail" / "local.test" / "ivy" / "new").iterdir()
         assert path.read_bytes().endswith(MESSAGE)
         assert eventually(lambda: os.listdir(tmp_path / "spool" / "queue") == [])
