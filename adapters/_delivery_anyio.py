@@ -63,6 +63,7 @@ from mailwire.protocol._events import MailFrom, RcptTo, Reply
 from mailwire.protocol._queue import (
     Completion,
     Delivery,
+    MessageState,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -196,6 +197,46 @@ class DeliveryAgent:
         queue_id: str = await anyio.to_thread.run_sync(self.store.put, envelope, [content])
         self.enqueue(queue_id, envelope)
         return queue_id
+
+    # --- queue management (call on the agent's event loop; MTA wraps them for threads) -----
+
+    def queue(self) -> list[MessageState]:
+        """Every queued message's state, in arrival order."""
+        return list(self.scheduler.messages())
+
+    def flush(self, queue_id: str | None = None) -> None:
+        """Retry one message now, or everything (lifting every destination's back-off).
+
+        Raises:
+            KeyError: no such queued message.
+        """
+        if queue_id is None:
+            self.scheduler.flush_all(now=self.clock())
+        else:
+            self.scheduler.flush(queue_id, now=self.clock())
+        self.wake()
+
+    def hold(self, queue_id: str) -> None:
+        """Stop scheduling a message until release() (KeyError if not queued)."""
+        self.scheduler.hold(queue_id)
+        log.info("%s: held", queue_id)
+
+    def release(self, queue_id: str) -> None:
+        """Resume a held message's schedule (KeyError if not queued)."""
+        self.scheduler.release(queue_id)
+        log.info("%s: released", queue_id)
+        self.wake()
+
+    async def delete(self, queue_id: str) -> MessageState:
+        """Remove a message from the queue and the spool, without any notification.
+
+        Raises:
+            KeyError: no such queued message.
+        """
+        state = self.scheduler.delete(queue_id)
+        log.info("%s: deleted by the administrator", queue_id)
+        await self._remove(queue_id)
+        return state
 
     def wake(self) -> None:
         """Make a waiting run() look at the queue again (call on the agent's event loop)."""

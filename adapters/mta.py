@@ -33,7 +33,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio.from_thread
 
@@ -49,10 +50,11 @@ from mailwire.adapters._spool import (
     StoredMessage,
 )
 from mailwire.adapters.cli import Settings, build
-from mailwire.protocol._queue import RetryPolicy
+from mailwire.protocol._queue import MessageState, RetryPolicy
 from mailwire.protocol._routing import NextHop, RoutingConfig
 
 log = logging.getLogger("mailwire.adapters.mta")
+T = TypeVar("T")
 
 Committed = Callable[[str, SpoolEnvelope], None]
 
@@ -297,12 +299,48 @@ class MTA:
         if controller is not None and isinstance(controller.handler, SpoolHandler):
             controller.handler.close()
 
+    # --- queue management, callable from any thread (the queue CLI's verbs) --------------
+
+    def _agent_portal(self) -> tuple[DeliveryAgent, anyio.from_thread.BlockingPortal]:
+        if self.agent is None or self._portal is None:
+            raise RuntimeError("the MTA is not running")
+        return self.agent, self._portal
+
+    def queue(self) -> list[MessageState]:
+        """Every queued message's state."""
+        agent, portal = self._agent_portal()
+        return portal.call(_sync, agent.queue)
+
+    def flush(self, queue_id: str | None = None) -> None:
+        """Retry one message (or all) now.  KeyError if not queued."""
+        agent, portal = self._agent_portal()
+        portal.call(_sync, partial(agent.flush, queue_id))
+
+    def hold(self, queue_id: str) -> None:
+        """Hold a message.  KeyError if not queued."""
+        agent, portal = self._agent_portal()
+        portal.call(_sync, partial(agent.hold, queue_id))
+
+    def release(self, queue_id: str) -> None:
+        """Release a held message.  KeyError if not queued."""
+        agent, portal = self._agent_portal()
+        portal.call(_sync, partial(agent.release, queue_id))
+
+    def delete(self, queue_id: str) -> MessageState:
+        """Delete a message from the queue and the spool.  KeyError if not queued."""
+        agent, portal = self._agent_portal()
+        return portal.call(agent.delete, queue_id)
+
     def __enter__(self) -> MTA:
         self.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+async def _sync(fn: Callable[[], T]) -> T:
+    return fn()
 
 
 async def _enqueue(agent: DeliveryAgent, queue_id: str, envelope: SpoolEnvelope) -> None:

@@ -197,3 +197,42 @@ def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> N
         assert eventually(lambda: os.listdir(os.path.join(spool, "queue")) == [])
     finally:
         mta.stop()
+
+
+def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path) -> None:
+    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta.start()
+    try:
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["keep@later.test"], MESSAGE)
+            client.sendmail("a@sender.test", ["drop@later.test"], MESSAGE)
+
+        def deferred() -> list[str]:
+            return [
+                m.message.queue_id
+                for m in mta.queue()
+                if all(r.status.value == "deferred" for r in m.recipients)
+            ]
+
+        # 127.0.0.5 is down: one attempt fails, and the destination backs off for the other
+        assert eventually(lambda: len(mta.queue()) == 2 and len(deferred()) >= 1)
+        drop, keep = (
+            m.message.queue_id
+            for m in sorted(mta.queue(), key=lambda m: m.message.recipients[0].address)
+        )
+        mta.delete(drop)
+        assert [m.message.queue_id for m in mta.queue()] == [keep]
+        assert os.listdir(tmp_path / "spool" / "queue") == [keep]
+        mta.hold(keep)
+        assert [m.held for m in mta.queue()] == [True]
+        later = net.receiver("127.0.0.5")  # the MX is back
+        mta.release(keep)
+        mta.flush()
+        assert eventually(lambda: len(later.messages) == 1)
+        assert later.messages[0].recipients == ["keep@later.test"]
+        assert eventually(lambda: mta.queue() == [])
+        with pytest.raises(KeyError):
+            mta.hold(keep)
+    finally:
+        mta.stop()
