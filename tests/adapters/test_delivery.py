@@ -948,3 +948,62 @@ def server_tls() -> Any:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("tls.test", "127.0.0.9").configure_cert(ctx)
     return ctx
+
+
+def test_session_garbage_from_the_server_moves_to_the_next_target() -> None:
+    job = _session(route_targets=2)
+    _converse(job, [b"HTTP/1.1 400 Bad Request\r\n"])
+    assert job.done and job.error is not None and "protocol error" in job.error
+    job.feed_walk()
+    assert job.walk.next_target() is not None
+
+
+def test_session_silent_server_times_out_and_the_recipients_stay_queued() -> None:
+    job = _session()
+    job.data_to_send()
+    job.receive_data(b"220 mx ESMTP\r\n", now=1.0)
+    job.data_to_send()  # EHLO, then silence
+    assert job.wait_time(2.0) == pytest.approx(29.0)
+    assert not job.check_timeout(30.0)
+    assert job.check_timeout(31.0)
+    job.feed_walk()
+    assert job.walk.next_target() is None
+    assert {r.status.value for r in job.walk.results().values()} == {"deferred"}
+
+
+def test_session_data_refused_after_recipients_accepted_bounces_them() -> None:
+    job = _session()
+    _converse(
+        job,
+        [
+            b"220 mx ESMTP\r\n",
+            b"250 mx\r\n",  # no PIPELINING: one command at a time
+            b"250 ok\r\n",
+            b"250 ok\r\n",
+            b"250 ok\r\n",
+            b"554 5.6.0 content refused\r\n",
+            b"250 reset\r\n",
+            b"221 bye\r\n",
+        ],
+    )
+    assert job.done
+    job.feed_walk()
+    results = job.walk.results()
+    assert {r.status.value for r in results.values()} == {"failed"}
+    assert {r.reply.enhanced for r in results.values()} == {"5.6.0"}
+
+
+def test_session_421_after_the_data_moves_on_like_a_dropped_connection() -> None:
+    job = _session(route_targets=2)
+    _converse(
+        job,
+        [
+            b"220 mx ESMTP\r\n",
+            b"250-mx\r\n250 PIPELINING\r\n",
+            b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+            b"421 4.3.2 shutting down\r\n",
+        ],
+    )
+    job.feed_walk()
+    assert job.walk.results() == {}
+    assert job.walk.next_target() is not None
