@@ -585,7 +585,9 @@ class ServerConnection:
             text = "Not allowed during a mail transaction"
         else:
             text = "Bad sequence of commands"
-        self._reject(line, 503, "5.5.1", text)
+        # Not counted as a bad command: a 503 usually follows a failed pipelined command
+        # (RFC 2920), and a long pipelined session must not reach "too many errors" by it.
+        self._reject(line, 503, "5.5.1", text, bad=False)
 
     def _dispatch(self, line: bytes, command: Command) -> None:
         c = self.config
@@ -759,6 +761,9 @@ class ServerConnection:
     def _end_message(self, violation: tuple[int, str, str] | None) -> None:
         if violation is not None:
             reply = self._queue(*violation)
+            if self.config.lmtp:  # RFC 2033 4.2: one reply per accepted recipient
+                for _ in self._recipients[1:]:
+                    self._queue(*violation)
             self._events.append(MessageRejected(reply=reply))
             self._reset_transaction()
             self._state = S.READY
@@ -813,7 +818,10 @@ class ServerConnection:
         if reject is not None:
             # RFC 3030 2: a failed chunk ends the transaction; the octets were consumed.
             in_transaction = self._state in (S.CHUNKING, S.RCPT)
-            self._reject(self._bdat_line, *reject, bad=reject[0] in (502, 503))
+            self._reject(self._bdat_line, *reject, bad=reject[0] == 502)
+            if in_transaction and command.last and self.config.lmtp:
+                for _ in self._recipients[1:]:  # RFC 2033 4.2, as for DATA
+                    self._queue(*reject)
             if in_transaction:
                 self._reset_transaction()
                 self._state = S.READY

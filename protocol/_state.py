@@ -19,7 +19,8 @@
 # ``next_state``:
 #   - 421 to anything closes the session (RFC 5321 3.8: "the SMTP server ... MUST ... close").
 #   - BDAT (RFC 3030) moves to CHUNKING, or back to READY after "BDAT n LAST"; a failed chunk
-#     ends the transaction (the client is expected to RSET).
+#     ends the transaction (the client is expected to RSET); a BDAT refused before any
+#     recipient was accepted (554) leaves the state alone, as DATA's 554 does.
 #   - RSET (RFC 5321 4.1.1.5) always succeeds into READY, or HELLO if no EHLO/HELO was
 #     accepted yet.
 #
@@ -117,6 +118,8 @@ def next_state(state: SessionState, command: Command, code: int) -> SessionState
         return S.CLOSED
     cls = code // 100
     if isinstance(command, Bdat):
+        if cls != 2 and state not in (S.RCPT, S.CHUNKING):
+            return state  # refused outside a transaction with recipients (554/503)
         if command.last or cls != 2:
             return S.READY
         return S.CHUNKING

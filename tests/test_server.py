@@ -959,3 +959,30 @@ def test_connection_closed_is_reported_once_then_paused() -> None:
     assert isinstance(s.conn.next_event(), ConnectionClosed)
     assert s.conn.next_event() is PAUSED
     assert s.conn.next_event() is PAUSED
+
+
+def test_lmtp_rejected_message_gets_one_reply_per_recipient() -> None:
+    # found by the client engine's tests: RFC 2033 4.2 holds for engine rejections too
+    s = Session(lmtp=True)
+    s.feed(
+        b"LHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\n"
+    )
+    assert s.codes(b"DATA\r\n" + b"x" * 1200 + b"\r\n.\r\n") == [354, 550, 550]
+
+
+def test_lmtp_failed_bdat_last_gets_one_reply_per_recipient() -> None:
+    s = Session(lmtp=True, max_message_size=1024)
+    s.feed(
+        b"LHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\n"
+    )
+    assert s.codes(b"BDAT 2000 LAST\r\n" + b"x" * 2000) == [552, 552]
+
+
+def test_sequence_errors_after_failed_pipelined_commands_are_not_bad_commands() -> None:
+    s = Session(max_bad_commands=3)
+    s.decide = lambda e: Reply(code=550, text="no") if isinstance(e, MailFrom) else accept_all(e)
+    s.greet()
+    transaction = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
+    codes = s.codes(transaction * 10)
+    assert codes == [550, 503, 503] * 10
+    assert s.conn.state is SessionState.READY

@@ -68,3 +68,7 @@ def test_data_is_not_legal_before_a_recipient() -> None:
 
 def test_readme_state_diagram_is_generated_from_the_table() -> None:
     assert mermaid() in (ROOT / "README.md").read_text()
+
+
+def test_bdat_refused_before_a_recipient_leaves_the_state() -> None:
+    assert next_state(S.MAIL, Bdat(size=5), 554) is S.MAIL
