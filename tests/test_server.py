@@ -961,6 +961,11 @@ def test_connection_closed_is_reported_once_then_paused() -> None:
     assert s.conn.next_event() is PAUSED
 
 
+LMTP_TWO_RECIPIENTS = (
+    b"LHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<e@d.example>\r\n"
+)
+
+
 def test_lmtp_rejected_message_gets_one_reply_per_recipient() -> None:
     # found by the client engine's tests: RFC 2033 4.2 holds for engine rejections too
     s = Session(lmtp=True)
