@@ -161,8 +161,8 @@ class DeliveryAgent:
         for queue_id in ids:
             try:
                 stored = await anyio.to_thread.run_sync(self.store.get, queue_id)
-            except SpoolError as exc:
-                log.error("%s: cannot read from the spool: %s", queue_id, exc)
+            except Exception as exc:  # SpoolError, or what a damaged spool makes the store raise
+                log.error("%s: cannot read from the spool, left there: %s", queue_id, exc)
                 continue
             states = None
             if self.journal is not None:

@@ -5,6 +5,7 @@ is stepped and run_once() called)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import sys
@@ -1007,3 +1008,18 @@ def test_session_421_after_the_data_moves_on_like_a_dropped_connection() -> None
     job.feed_walk()
     assert job.walk.results() == {}
     assert job.walk.next_target() is not None
+
+
+def test_start_skips_what_it_cannot_read_and_queues_the_rest(mx: Net, tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        env = SpoolEnvelope(
+            sender=MailFrom(address=SENDER), recipients=(RcptTo(address="q@backup.test"),)
+        )
+        good = w.store.put(env, [MESSAGE])
+        bad = good[:-1] + ("1" if good[-1] != "1" else "2")
+        os.mkdir(tmp_path / "spool" / "queue" / bad)  # a directory where a message should be
+        assert await w.agent.start() == [good]
+        await w.agent.run_once()
+        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["q@backup.test"]
+
+    run(mx, tmp_path, body)
