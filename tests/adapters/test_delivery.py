@@ -581,8 +581,9 @@ def test_the_same_agent_code_runs_on_trio(mx: Net, tmp_path: Path) -> None:
     run(mx, tmp_path, body, backend="trio")
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_opportunistic_starttls_is_used_when_offered(
-    mx: Net, tmp_path: Path, server_tls: Any
+    mx: Net, tmp_path: Path, server_tls: Any, backend: str
 ) -> None:
     receiver = Receiver()
     controller = Controller(
@@ -609,7 +610,7 @@ def test_opportunistic_starttls_is_used_when_offered(
         assert tls_seen == [True]
 
     try:
-        run(mx, tmp_path, body)
+        run(mx, tmp_path, body, backend=backend)
     finally:
         controller.stop()
         del mx.dns.zone["tls.test"]
