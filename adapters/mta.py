@@ -26,9 +26,12 @@ from __future__ import annotations
 import builtins
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import signal
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -143,6 +146,8 @@ class DeliverySettings:
         aliases: local recipient -> mailbox address.
         lmtp: deliver local domains over LMTP to this server (``"[127.0.0.1]:24"``) instead
             of the Maildirs; "" : Maildirs.
+        control_socket: the Unix socket of the queue verbs (see queue_command); "" :
+            ``<spool>/control.sock``; "-": none.
         journal: the directory of the recipient journal (final results kept across restarts;
             "" : ``<spool>/journal``).
     """
@@ -162,6 +167,7 @@ class DeliverySettings:
     aliases: dict[str, str] = field(default_factory=dict)
     lmtp: str = ""
     journal: str = ""
+    control_socket: str = ""
 
 
 def _nameserver(text: str) -> tuple[str, int]:
@@ -198,6 +204,7 @@ class MTA:
         self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal]
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._run_future: concurrent.futures.Future[None] | None = None
+        self._control: _ControlServer | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -268,6 +275,12 @@ class MTA:
             ids = portal.call(agent.start)
             log.info("delivery agent on %s: %d message(s) queued from the spool", runtime, len(ids))
             self._run_future = portal.start_task_soon(agent.run)
+            path = self.delivery.control_socket or os.path.join(settings.spool, "control.sock")
+            if path != "-":
+                try:
+                    self._control = _ControlServer(path, self)
+                except OSError as exc:  # e.g. a path over the 107-byte limit of AF_UNIX
+                    log.warning("no control socket at %s: %s", path, exc)
             controller.start()
         except BaseException:
             self.stop()
@@ -288,6 +301,9 @@ class MTA:
         delivery agent (deliveries in flight are cut; their messages stay queued), then
         release the spool."""
         controller, self.controller = self.controller, None
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
         if controller is not None:
             controller.stop(grace=grace)
         portal, self._portal = self._portal, None
@@ -337,6 +353,140 @@ class MTA:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# --- the control socket: queue verbs from another process -----------------------------------
+#
+# One JSON object per line each way over a Unix socket (mode 0600, so only the MTA's user may
+# manage its queue): {"verb": "list"} / {"verb": "flush", "id": null} / {"verb": "hold",
+# "id": "..."} / release / delete / show  ->  {"ok": true, "result": ...} or {"ok": false,
+# "error": "..."}.  The verbs run on the agent's event loop (MTA.queue() etc.), so they see
+# and change the live queue while the server runs.
+
+VERBS = ("list", "show", "flush", "hold", "release", "delete")
+
+
+def message_json(state: MessageState) -> dict[str, Any]:
+    """A queued message's state as JSON-ready data (for ``mailwire queue list --json``)."""
+    m = state.message
+    return {
+        "id": m.queue_id,
+        "sender": m.sender,
+        "arrival": m.arrival,
+        "size": m.size,
+        "held": state.held,
+        "active": state.active,
+        "next_attempt": state.next_attempt,
+        "recipients": [
+            {
+                "address": r.recipient.address,
+                "status": r.status.value,
+                "attempts": r.attempts,
+                "reply": None if r.reply is None else f"{r.reply.code} {r.reply.text}",
+                "remote_mta": r.remote_mta,
+            }
+            for r in state.recipients
+        ],
+    }
+
+
+class _ControlServer:
+    def __init__(self, path: str, mta: MTA) -> None:
+        self.path = path
+        self.mta = mta
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket of a previous run (the spool lock is ours)
+        handler = type("_Handler", (socketserver.StreamRequestHandler,), {"handle": _serve_one})
+        self.server = socketserver.ThreadingUnixStreamServer(path, handler)
+        self.server.daemon_threads = True
+        self.server.mta = mta  # type: ignore[attr-defined]
+        os.chmod(path, 0o600)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            name="mailwire-control",
+        )  # fmt: skip
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _serve_one(self: socketserver.StreamRequestHandler) -> None:
+    mta: MTA = self.server.mta  # type: ignore[attr-defined]
+    for line in self.rfile:
+        try:
+            request = json.loads(line)
+            result = _run_verb(mta, str(request.get("verb")), request.get("id"))
+            answer: dict[str, Any] = {"ok": True, "result": result}
+        except KeyError as exc:
+            answer = {"ok": False, "error": f"no queued message {exc.args[0] if exc.args else ''}"}
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            answer = {"ok": False, "error": str(exc) or type(exc).__name__}
+        self.wfile.write(json.dumps(answer).encode() + b"\n")
+        self.wfile.flush()
+
+
+def _run_verb(mta: MTA, verb: str, queue_id: object) -> Any:
+    if queue_id is not None and not isinstance(queue_id, str):
+        raise ValueError("id must be a string")
+    if verb == "list":
+        return [message_json(m) for m in mta.queue()]
+    if verb == "flush":
+        mta.flush(queue_id)
+        return None
+    if queue_id is None:
+        raise ValueError(f"{verb} needs an id")
+    if verb == "show":
+        for m in mta.queue():
+            if m.message.queue_id == queue_id:
+                return message_json(m)
+        raise KeyError(queue_id)
+    if verb == "hold":
+        mta.hold(queue_id)
+    elif verb == "release":
+        mta.release(queue_id)
+    elif verb == "delete":
+        mta.delete(queue_id)
+    else:
+        raise ValueError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
+    return None
+
+
+def queue_command(
+    path: str, verb: str, queue_id: str | None = None, *, timeout: float = 10.0
+) -> Any:
+    """Run a queue verb on a running MTA through its control socket.
+
+    Args:
+        path: the control socket (``<spool>/control.sock`` by default).
+        verb: list, show, flush, hold, release or delete.
+        queue_id: the message (None: every message, for flush).
+        timeout: seconds to wait.
+
+    Returns:
+        The verb's result (list: a list of message_json() dicts; show: one).
+
+    Raises:
+        OSError: no MTA is listening.
+        KeyError: no such queued message.
+        ValueError: a bad verb or argument.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps({"verb": verb, "id": queue_id}).encode() + b"\n")
+        with sock.makefile("rb") as f:
+            answer = json.loads(f.readline())
+    if answer.get("ok"):
+        return answer.get("result")
+    error = str(answer.get("error"))
+    if error.startswith("no queued message"):
+        raise KeyError(queue_id)
+    raise ValueError(error)
 
 
 async def _sync(fn: Callable[[], T]) -> T:
@@ -393,4 +543,12 @@ def run_mta(
     return status
 
 
-__all__ = ["MTA", "DeliverySettings", "NotifyingStore", "run_mta"]
+__all__ = [
+    "MTA",
+    "VERBS",
+    "DeliverySettings",
+    "NotifyingStore",
+    "message_json",
+    "queue_command",
+    "run_mta",
+]

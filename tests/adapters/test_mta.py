@@ -17,7 +17,7 @@ import pytest
 
 from mailwire.adapters._maildir import MaildirDelivery
 from mailwire.adapters.cli import Settings
-from mailwire.adapters.mta import MTA, DeliverySettings
+from mailwire.adapters.mta import MTA, DeliverySettings, queue_command
 from mailwire.adapters.threads import Controller
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._events import Reply
@@ -236,3 +236,32 @@ def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path) -> None:
             mta.hold(keep)
     finally:
         mta.stop()
+
+
+def test_queue_verbs_over_the_control_socket(net: Net, tmp_path: Path) -> None:
+    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta.start()
+    sock = str(tmp_path / "spool" / "control.sock")
+    try:
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["zed@later.test"], MESSAGE)
+        assert eventually(lambda: len(queue_command(sock, "list")) == 1)
+        (entry,) = queue_command(sock, "list")
+        qid = entry["id"]
+        assert entry["sender"] == "a@sender.test"
+        assert entry["recipients"][0]["address"] == "zed@later.test"
+        queue_command(sock, "hold", qid)
+        assert queue_command(sock, "show", qid)["held"] is True
+        queue_command(sock, "release", qid)
+        queue_command(sock, "flush")
+        queue_command(sock, "delete", qid)
+        assert queue_command(sock, "list") == []
+        with pytest.raises(KeyError):
+            queue_command(sock, "show", qid)
+        with pytest.raises(ValueError, match="unknown verb"):
+            queue_command(sock, "explode", qid)
+    finally:
+        mta.stop()
+    assert not os.path.exists(sock)
