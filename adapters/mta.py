@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import concurrent.futures
 import contextlib
+import http.server
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from mailwire.adapters._spool import (
     SpoolHandler,
     StoredMessage,
 )
-from mailwire.adapters.cli import Settings, build
+from mailwire.adapters.cli import Settings, build, parse_listen
 from mailwire.protocol._queue import MessageState, RetryPolicy
 from mailwire.protocol._routing import NextHop, RoutingConfig
 
@@ -148,6 +149,8 @@ class DeliverySettings:
             of the Maildirs; "" : Maildirs.
         control_socket: the Unix socket of the queue verbs (see queue_command); "" :
             ``<spool>/control.sock``; "-": none.
+        metrics_listen: ``"127.0.0.1:9325"``: serve the counters in OpenMetrics text over
+            HTTP there (GET /metrics); "" : not at all.
         journal: the directory of the recipient journal (final results kept across restarts;
             "" : ``<spool>/journal``).
     """
@@ -168,6 +171,7 @@ class DeliverySettings:
     lmtp: str = ""
     journal: str = ""
     control_socket: str = ""
+    metrics_listen: str = ""
 
 
 def _nameserver(text: str) -> tuple[str, int]:
@@ -205,6 +209,8 @@ class MTA:
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._run_future: concurrent.futures.Future[None] | None = None
         self._control: _ControlServer | None = None
+        self._metrics: _MetricsServer | None = None
+        self.accepted = 0
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -281,12 +287,49 @@ class MTA:
                     self._control = _ControlServer(path, self)
                 except OSError as exc:  # e.g. a path over the 107-byte limit of AF_UNIX
                     log.warning("no control socket at %s: %s", path, exc)
+            if self.delivery.metrics_listen:
+                self._metrics = _MetricsServer(parse_listen(self.delivery.metrics_listen), self)
             controller.start()
         except BaseException:
             self.stop()
             raise
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics HTTP server listens (after start()), or None."""
+        if self._metrics is None:
+            return None
+        host, port = self._metrics.server.server_address[:2]
+        return str(host), int(port)
+
+    def metrics_text(self) -> str:
+        """The counters in OpenMetrics text format."""
+        agent = self.agent
+        counters = dict(agent.counters) if agent is not None else {}
+        queued = len(agent.scheduler) if agent is not None else 0
+        lines = []
+        for name, value, help_text in (
+            ("messages_accepted", self.accepted, "Messages accepted (250) since start"),
+            ("recipients_delivered", counters.get("delivered", 0), "Recipients delivered"),
+            ("recipients_deferred", counters.get("deferred", 0), "Delivery attempts deferred"),
+            ("recipients_bounced", counters.get("bounced", 0), "Recipients failed (bounced)"),
+            ("notifications_sent", counters.get("dsn_sent", 0), "DSNs queued to senders"),
+        ):
+            lines += [
+                f"# TYPE mailwire_{name} counter",
+                f"# HELP mailwire_{name} {help_text}.",
+                f"mailwire_{name}_total {value}",
+            ]
+        lines += [
+            "# TYPE mailwire_queue_messages gauge",
+            "# HELP mailwire_queue_messages Messages in the queue.",
+            f"mailwire_queue_messages {queued}",
+            "# EOF",
+        ]
+        return "\n".join(lines) + "\n"
+
     def _committed(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        self.accepted += 1
         portal = self._portal
         agent = self.agent
         if portal is None or agent is None:
@@ -304,6 +347,9 @@ class MTA:
         control, self._control = self._control, None
         if control is not None:
             control.close()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
         if controller is not None:
             controller.stop(grace=grace)
         portal, self._portal = self._portal, None
@@ -353,6 +399,47 @@ class MTA:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class _MetricsServer:
+    def __init__(self, address: tuple[str, int], mta: MTA) -> None:
+        def do_get(handler: http.server.BaseHTTPRequestHandler) -> None:
+            if handler.path.split("?")[0] != "/metrics":
+                handler.send_error(404)
+                return
+            body = mta.metrics_text().encode()
+            handler.send_response(200)
+            handler.send_header("Content-Type", OPENMETRICS_TYPE)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+        def log_message(handler: http.server.BaseHTTPRequestHandler, *args: object) -> None:
+            pass
+
+        handler = type(
+            "_Metrics",
+            (http.server.BaseHTTPRequestHandler,),
+            {"do_GET": do_get, "log_message": log_message},
+        )
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        server_class = type(
+            "_MetricsHTTP", (http.server.ThreadingHTTPServer,), {"address_family": family}
+        )
+        self.server = server_class(address, handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            name="mailwire-metrics",
+        )  # fmt: skip
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 # --- the control socket: queue verbs from another process -----------------------------------

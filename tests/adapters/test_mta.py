@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -265,3 +266,29 @@ def test_queue_verbs_over_the_control_socket(net: Net, tmp_path: Path) -> None:
     finally:
         mta.stop()
     assert not os.path.exists(sock)
+
+
+def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path) -> None:
+    remote = net.receiver("127.0.0.3")
+    d = delivery(net, tmp_path)
+    d.metrics_listen = "127.0.0.1:0"
+    mta = MTA(settings(tmp_path), d, fsync=False)
+    mta.start()
+    try:
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["bob@remote.test"], MESSAGE)
+        assert eventually(lambda: len(remote.messages) == 1)
+        assert eventually(lambda: "mailwire_queue_messages 0\n" in mta.metrics_text())
+        address = mta.metrics_address
+        assert address is not None
+        url = f"http://{address[0]}:{address[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            text = response.read().decode()
+        assert "mailwire_messages_accepted_total 1\n" in text
+        assert "mailwire_recipients_delivered_total 1\n" in text
+        assert "mailwire_recipients_bounced_total 0\n" in text
+        assert text.endswith("# EOF\n")
+    finally:
+        mta.stop()
