@@ -198,6 +198,7 @@ class DeliverySession:
         self.offered = walk.pending
         self.error: str | None = None
         self.refusal: Reply | None = None  # our own refusal to send (SMTPUTF8)
+        self.tls_failed = False  # set by the runtime when the STARTTLS handshake failed
         self.done = False
         self._sender = sender
         self._recipients = recipients

@@ -513,31 +513,41 @@ class DeliveryAgent:
         lmtp: bool = False,
     ) -> list[WalkResult]:
         walk = DeliveryWalk(route, max_connections=self.config.max_connections)
+        config = self.lmtp_config if lmtp else self.client_config
+        opportunistic = self.config.tls is TLSPolicy.OPPORTUNISTIC
         while (target := walk.next_target()) is not None:
-            try:
-                with anyio.fail_after(self.config.connect_timeout):
-                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                        str(target.address), target.port
-                    )
-            except (OSError, TimeoutError) as exc:
-                walk.feed(ConnectFailed(reason=_reason(exc)))
-                continue
-            session = DeliverySession(
-                walk,
-                sender=sender,
-                recipients=rcpts,
-                content=content,
-                config=self.lmtp_config if lmtp else self.client_config,
-                starttls=None if self.config.tls is TLSPolicy.OPPORTUNISTIC else False,
-                timeout=self.config.reply_timeout,
-                now=anyio.current_time(),
-            )
-            try:
-                stream = await self._converse(session, stream, target.host)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-            session.feed_walk()
+            for starttls in (None, False) if opportunistic else (False,):
+                try:
+                    with anyio.fail_after(self.config.connect_timeout):
+                        stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                            str(target.address), target.port
+                        )
+                except (OSError, TimeoutError) as exc:
+                    walk.feed(ConnectFailed(reason=_reason(exc)))
+                    break
+                session = DeliverySession(
+                    walk,
+                    sender=sender,
+                    recipients=rcpts,
+                    content=content,
+                    config=config,
+                    starttls=starttls,
+                    timeout=self.config.reply_timeout,
+                    now=anyio.current_time(),
+                )
+                try:
+                    stream = await self._converse(session, stream, target.host)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
+                if session.tls_failed and starttls is None:
+                    # Opportunistic TLS (RFC 7435): a failed handshake is no reason to give
+                    # up on the host; the same host is tried again in clear text at once.
+                    log.info("%s: TLS with %s failed (%s); retrying without TLS",
+                             queue_id, target, session.error)  # fmt: skip
+                    continue
+                session.feed_walk()
+                break
         for line in walk.trace:
             log.debug("%s: walk: %s", queue_id, line)
         return list(walk.results().values())
@@ -552,12 +562,15 @@ class DeliveryAgent:
                 if session.done:
                     return stream
                 if session.wants_tls:
-                    stream = await anyio.streams.tls.TLSStream.wrap(
-                        stream,
-                        hostname=host,
-                        ssl_context=self.tls_context,
-                        standard_compatible=False,
-                    )
+                    session.tls_failed = True  # until the handshake completes
+                    with anyio.fail_after(self.config.reply_timeout):
+                        stream = await anyio.streams.tls.TLSStream.wrap(
+                            stream,
+                            hostname=host,
+                            ssl_context=self.tls_context,
+                            standard_compatible=False,
+                        )
+                    session.tls_failed = False
                     session.tls_established()
                     continue
                 wait = session.wait_time(anyio.current_time())

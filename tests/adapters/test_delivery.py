@@ -136,8 +136,10 @@ class DroppingServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.drop = True
+    def __init__(self, address: tuple[str, int], *, drop: bool = True, bad_tls: bool = False):
+        self.drop = drop
+        self.bad_tls = bad_tls  # offer STARTTLS, then break the handshake
+        self.starttls_seen = 0
         self.received: list[bytes] = []
         super().__init__(address, _DropHandler)
 
@@ -151,7 +153,11 @@ class _DropHandler(socketserver.StreamRequestHandler):
         while line := self.rfile.readline():
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                w(b"250 drop.test\r\n")
+                w(b"250-drop.test\r\n250 STARTTLS\r\n" if self.server.bad_tls else b"250 x\r\n")
+            elif verb == b"STAR":
+                self.server.starttls_seen += 1
+                w(b"220 go ahead\r\n")
+                return  # and close: the handshake fails
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 w(b"250 ok\r\n")
             elif verb == b"DATA":
@@ -505,6 +511,28 @@ def test_connection_dropped_after_the_data_is_retried(mx: Net, tmp_path: Path) -
         assert len(server.received) == 2  # the classic duplicate, never a loss
         assert qid not in w.agent.scheduler
         assert w.store.list() == []
+
+    try:
+        run(mx, tmp_path, body)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_failed_opportunistic_tls_handshake_falls_back_to_clear_text(
+    mx: Net, tmp_path: Path
+) -> None:
+    server = DroppingServer(("127.0.0.8", mx.port), drop=False, bad_tls=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+
+    async def body(w: World) -> None:
+        qid = await submit(w, "tess@drop.test")
+        await w.agent.run_once()
+        assert server.starttls_seen == 1  # tried once ...
+        assert len(server.received) == 1  # ... then delivered in clear text
+        assert qid not in w.agent.scheduler
 
     try:
         run(mx, tmp_path, body)
