@@ -217,10 +217,14 @@ class DeliverySession:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the server."""
-        if self.transaction is not None and not self.transaction.done:
-            out = self.transaction.data_to_send()
-        else:
-            out = self.conn.data_to_send()
+        try:
+            if self.transaction is not None and not self.transaction.done:
+                out = self.transaction.data_to_send()
+            else:
+                out = self.conn.data_to_send()
+        except LocalProtocolError as exc:
+            self._fail(f"client engine stopped: {exc}")
+            return b""
         if out:
             self._last_progress = self._now
         return out
@@ -247,6 +251,11 @@ class DeliverySession:
                 self.conn.receive_data(data, now=now)
         except RemoteProtocolError as exc:
             self._fail(f"protocol error from the server: {exc}")
+            return
+        except LocalProtocolError as exc:
+            # A client-engine refusal to go on (e.g. MailTransaction pumping RCPT after a
+            # refused MAIL without PIPELINING): the replies recorded so far still decide.
+            self._fail(f"client engine stopped: {exc}")
             return
         self._advance()
 

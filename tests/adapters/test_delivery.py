@@ -18,6 +18,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailwire.adapters._delivery import (
     DeliveryConfig,
@@ -1052,3 +1054,120 @@ def test_start_skips_what_it_cannot_read_and_queues_the_rest(mx: Net, tmp_path: 
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["q@backup.test"]
 
     run(mx, tmp_path, body)
+
+
+# --- property: no recipient is ever taken as delivered without a 2xx to its message -----------
+
+CODES = [250, 251, 354, 421, 450, 451, 452, 500, 550, 552, 554]
+
+
+class ScriptedServer:
+    """Answers whatever the client sends with codes drawn in advance; may hang up at any step."""
+
+    def __init__(self, codes: list[int], extensions: list[str], hang_up_at: int | None) -> None:
+        self.codes = iter(codes)
+        self.extensions = extensions
+        self.hang_up_at = hang_up_at
+        self.steps = 0
+        self.buffer = b""
+        self.in_data = False
+        self.data_accepted_with: list[int] = []  # the final reply code of each DATA
+
+    def code(self) -> int:
+        return next(self.codes, 250)
+
+    def respond(self, data: bytes) -> bytes | None:
+        """Bytes to answer with, or None for a hang-up."""
+        self.buffer += data
+        out = b""
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return out
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                code = self.code()
+                code = code if code != 354 else 250
+                self.data_accepted_with.append(code)
+                out += b"%d 2.0.0 final\r\n" % code if code < 300 else b"%d x\r\n" % code
+                continue
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                return out
+            line, self.buffer = self.buffer[:line_end], self.buffer[line_end + 2 :]
+            self.steps += 1
+            if self.hang_up_at is not None and self.steps >= self.hang_up_at:
+                return None
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                ext = "".join(f"250-{e}\r\n" for e in self.extensions)
+                out += (ext + "250 OK\r\n").encode()
+            elif verb == b"QUIT":
+                out += b"221 bye\r\n"
+            elif verb == b"DATA":
+                code = self.code()
+                code = 354 if code in (250, 251) else code
+                self.in_data = code == 354
+                out += b"%d x\r\n" % code
+            else:
+                code = self.code()
+                code = 250 if code == 354 else code
+                out += b"%d x\r\n" % code
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    greeting=st.sampled_from([220, 220, 220, 421, 554]),
+    codes=st.lists(st.sampled_from(CODES), max_size=12),
+    extensions=st.lists(st.sampled_from(["PIPELINING", "SIZE 1000000", "DSN", "8BITMIME"])),
+    hang_up_at=st.none() | st.integers(1, 10),
+    targets=st.integers(1, 2),
+)
+def test_session_never_reports_delivery_without_a_2xx_to_the_message(
+    greeting: int,
+    codes: list[int],
+    extensions: list[str],
+    hang_up_at: int | None,
+    targets: int,
+) -> None:
+    job = _session(route_targets=targets)
+    server = ScriptedServer(codes, sorted(set(extensions)), hang_up_at)
+    job.data_to_send()
+    job.receive_data(b"%d mx\r\n" % greeting, now=1.0)
+    for _ in range(50):
+        out = b""
+        while chunk := job.data_to_send():
+            out += chunk
+        if job.done:
+            break
+        answer = server.respond(out) if out else b""
+        if answer is None:
+            job.receive_eof()
+        elif answer:
+            job.receive_data(answer, now=1.0)
+        elif not out:
+            job.check_timeout(1000.0)  # nothing to say and nothing heard: the server is silent
+    assert job.done
+    job.feed_walk()  # never raises
+    walk = job.walk
+    results = walk.results()
+    delivered = [r for r in results.values() if r.status.value == "delivered"]
+    if delivered:
+        assert server.data_accepted_with and server.data_accepted_with[-1] < 300
+    # each recipient is settled at most once, and the rest go on to the next target or wait
+    assert set(results) | set(walk.pending) == {"a@d.test", "b@d.test"}
+    assert not set(results) & set(walk.pending)
+
+
+def test_session_mail_refused_without_pipelining_moves_to_the_next_target() -> None:
+    # Found by the property above: MailTransaction (step by step, no PIPELINING) tried to send
+    # RCPT after a 450 to MAIL and raised LocalProtocolError; the session must still report
+    # the 450 and let the walk move on.
+    job = _session(route_targets=2)
+    _converse(job, [b"220 mx ESMTP\r\n", b"250 mx\r\n", b"450 4.3.2 busy\r\n", b"221 bye\r\n"])
+    assert job.done
+    job.feed_walk()
+    assert job.walk.results() == {}
+    assert job.walk.next_target() is not None
+    assert "450 4.3.2 busy" in "\n".join(job.walk.trace)
