@@ -264,18 +264,33 @@ class DeliveryAgent:
                     group.start_soon(self._guarded, delivery, limit)
 
     async def run(self, *, idle: float = 60.0) -> None:
-        """Deliver forever: run what is due, then sleep until the next due time, a wake(), or
-        ``idle`` seconds."""
-        while True:
-            self._wake = anyio.Event()
-            await self.run_once()
-            wakeup = self.scheduler.next_wakeup()
-            delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
+        """Deliver forever.  Deliveries start as they come due and run side by side (at most
+        ``max_deliveries``): a slow destination never holds up the others.  Between starts it
+        sleeps until the next due time, a wake() (new mail, a finished delivery, a queue
+        verb), or ``idle`` seconds."""
+        limit = self.config.max_deliveries
+        async with anyio.create_task_group() as group:
+            while True:
+                self._wake = anyio.Event()
+                free = limit - self.scheduler.in_flight
+                if free > 0:
+                    for delivery in self.scheduler.pop_due(self.clock(), limit=free):
+                        group.start_soon(self._run_one, delivery)
+                wakeup = self.scheduler.next_wakeup()
+                delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
+                if self.scheduler.in_flight >= limit:
+                    delay = idle  # a finishing delivery wakes us
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
 
-    async def _guarded(self, delivery: Delivery, limit: anyio.CapacityLimiter) -> None:
-        async with limit:
+    async def _run_one(self, delivery: Delivery) -> None:
+        try:
+            await self._guarded(delivery, None)
+        finally:
+            self.wake()  # a slot, and perhaps a destination, is free again
+
+    async def _guarded(self, delivery: Delivery, limit: anyio.CapacityLimiter | None) -> None:
+        async with limit if limit is not None else contextlib.nullcontext():
             try:
                 await self.deliver(delivery)
             except Exception as exc:  # never lose a lease: defer and log

@@ -303,17 +303,17 @@ def run(net: Net, tmp_path: Path, body: Body, *, backend: str = "asyncio", **kw:
         smtp_port=net.port,
         address_preference=AddressPreference.PREFER_IPV4,
     )
-    config = DeliveryConfig(
-        hostname="mta.test",
-        routing=routing,
-        nameservers=(net.dns.nameserver,),
-        retry=RetryPolicy(first_retry=60.0, jitter=0.0),
-        connect_timeout=5.0,
-        reply_timeout=5.0,
-        dns_timeout=1.0,
-        dns_lifetime=2.0,
-        **kw,
-    )
+    options: dict[str, Any] = {
+        "hostname": "mta.test",
+        "routing": routing,
+        "nameservers": (net.dns.nameserver,),
+        "retry": RetryPolicy(first_retry=60.0, jitter=0.0),
+        "connect_timeout": 5.0,
+        "reply_timeout": 5.0,
+        "dns_timeout": 1.0,
+        "dns_lifetime": 2.0,
+    }
+    config = DeliveryConfig(**{**options, **kw})
     store = DirectoryStore(tmp_path / "spool", fsync=False)
     try:
         agent = DeliveryAgent(store, config, local=local, clock=clock)
@@ -1171,3 +1171,28 @@ def test_session_mail_refused_without_pipelining_moves_to_the_next_target() -> N
     assert job.walk.results() == {}
     assert job.walk.next_target() is not None
     assert "450 4.3.2 busy" in "\n".join(job.walk.trace)
+
+
+def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path) -> None:
+    silent = socket.socket()  # accepts connections (backlog) and never says a word
+    silent.bind(("127.0.0.8", mx.port))
+    silent.listen(8)
+
+    async def body(w: World) -> None:
+        w.clock.now = time.time()  # run() sleeps in real time: keep the clocks together
+        await submit(w, "stuck@drop.test")
+        async with anyio.create_task_group() as group:
+            group.start_soon(w.agent.run)
+            with anyio.fail_after(5):  # the hung session holds its slot for 60 s
+                while w.agent.scheduler.in_flight == 0:
+                    await anyio.sleep(0.01)
+                await submit(w, "fast@backup.test")
+                while not mx.receivers["127.0.0.3"].messages:
+                    await anyio.sleep(0.01)
+            assert w.agent.scheduler.in_flight == 1  # the stuck one, still waiting
+            group.cancel_scope.cancel()
+
+    try:
+        run(mx, tmp_path, body, reply_timeout=60.0)
+    finally:
+        silent.close()
