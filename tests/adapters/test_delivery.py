@@ -1175,6 +1175,7 @@ def test_session_mail_refused_without_pipelining_moves_to_the_next_target() -> N
 
 def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path) -> None:
     silent = socket.socket()  # accepts connections (backlog) and never says a word
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     silent.bind(("127.0.0.8", mx.port))
     silent.listen(8)
 
