@@ -23,6 +23,7 @@ SIGINT, stop gracefully.
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import concurrent.futures
 import contextlib
@@ -33,6 +34,7 @@ import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -576,6 +578,116 @@ def queue_command(
     raise ValueError(error)
 
 
+# --- glue for the command line (adapters/cli.py) ----------------------------------------------
+
+_OPTIONS = {  # option -> DeliverySettings field
+    "--delivery-port": ("delivery_port", int, "PORT", "TCP port of MX delivery (25)"),
+    "--nameserver": ("nameservers", str, "HOST:PORT", "DNS server to ask (repeatable)"),
+    "--maildir": ("maildir", str, "DIR", "root of the local Maildirs"),
+    "--relayhost": ("relayhost", str, "[HOST]:PORT", "send all remote mail via this host"),
+    "--lmtp": ("lmtp", str, "[HOST]:PORT", "deliver local domains over LMTP"),
+    "--metrics-listen": ("metrics_listen", str, "HOST:PORT", "serve OpenMetrics over HTTP"),
+}
+
+
+def add_delivery_options(parser: argparse.ArgumentParser) -> None:
+    """Add the delivery options (and ``--no-deliver``) to the ``serve`` parser."""
+    for option, (dest, kind, metavar, text) in _OPTIONS.items():
+        action = "append" if dest == "nameservers" else "store"
+        parser.add_argument(option, dest=dest, type=kind, metavar=metavar, action=action, help=text)
+    parser.add_argument(
+        "--no-deliver", dest="deliver", action="store_false", default=None,
+        help="only accept and spool (no delivery agent)",
+    )  # fmt: skip
+
+
+def delivery_settings(
+    table: dict[str, Any] | None, options: dict[str, Any]
+) -> tuple[bool, DeliverySettings]:
+    """The delivery settings from the TOML file's ``[delivery]`` table and the options.
+
+    Pops the delivery options out of ``options`` (so the rest can go to Settings.update).
+
+    Args:
+        table: the ``[delivery]`` table (keys as in DeliverySettings, plus ``enabled``).
+        options: the parsed command-line options as a dict (``vars(args)``).
+
+    Returns:
+        (deliver, settings): whether to run the delivery agent, and its settings.
+
+    Raises:
+        ValueError: an unknown key or a value of the wrong type.
+    """
+    values = dict(table or {})
+    deliver = values.pop("enabled", True)
+    if not isinstance(deliver, bool):
+        raise ValueError("[delivery] enabled must be true or false")
+    for dest, *_ in _OPTIONS.values():
+        value = options.pop(dest, None)
+        if value is not None:
+            values[dest] = value
+    flag = options.pop("deliver", None)
+    if flag is not None:
+        deliver = flag
+    defaults = DeliverySettings()
+    for key, value in values.items():
+        if not hasattr(defaults, key):
+            raise ValueError(f"[delivery]: unknown setting {key!r}")
+        current = getattr(defaults, key)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = value = float(value)
+        if type(value) is not type(current) or (
+            isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"[delivery]: {key} must be a {type(current).__name__}")
+    return deliver, DeliverySettings(**values)
+
+
+def format_queue(entries: list[dict[str, Any]], *, now: float | None = None) -> str:
+    """A mailq-style table of message_json() entries."""
+    if not entries:
+        return "Mail queue is empty\n"
+    lines = [f"{'Queue ID':<22}{'Size':>8}  {'Arrival (UTC)':<20} Sender/Recipient"]
+    for e in entries:
+        arrival = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["arrival"]))
+        held = "!" if e["held"] else ("*" if e["active"] else " ")
+        lines.append(f"{e['id'] + held:<22}{e['size']:>8}  {arrival:<20} <{e['sender']}>")
+        for r in e["recipients"]:
+            if r["status"] in ("delivered", "failed"):
+                continue
+            reason = f" ({r['reply']})" if r["reply"] else ""
+            lines.append(f"{'':<52}<{r['address']}>{reason}")
+    total = sum(len(e["recipients"]) for e in entries)
+    lines.append(f"-- {len(entries)} message(s), {total} recipient(s)")
+    return "\n".join(lines) + "\n"
+
+
+def queue_main(spool: str, verb: str, queue_id: str | None, *, as_json: bool = False) -> int:
+    """``mailwire queue VERB [ID]``: print the result; returns the exit status (0 ok, 1 no such
+    message, 2 usage, 3 no running MTA)."""
+    path = os.path.join(spool, "control.sock")
+    try:
+        result = queue_command(path, verb, queue_id)
+    except KeyError:
+        print(f"mailwire: no queued message {queue_id}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"mailwire: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mailwire: no MTA running on spool {spool} ({exc})", file=sys.stderr)
+        return 3
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif verb == "list":
+        sys.stdout.write(format_queue(result))
+    elif verb == "show":
+        sys.stdout.write(format_queue([result]))
+    else:
+        print(f"{verb}: ok")
+    return 0
+
+
 async def _sync(fn: Callable[[], T]) -> T:
     return fn()
 
@@ -633,6 +745,10 @@ def run_mta(
 __all__ = [
     "MTA",
     "VERBS",
+    "add_delivery_options",
+    "delivery_settings",
+    "format_queue",
+    "queue_main",
     "DeliverySettings",
     "NotifyingStore",
     "message_json",

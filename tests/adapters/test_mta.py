@@ -4,6 +4,7 @@ kill -9 right after the 250 -> delivered after the restart."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import smtplib
@@ -18,7 +19,14 @@ import pytest
 
 from mailwire.adapters._maildir import MaildirDelivery
 from mailwire.adapters.cli import Settings
-from mailwire.adapters.mta import MTA, DeliverySettings, queue_command
+from mailwire.adapters.mta import (
+    MTA,
+    DeliverySettings,
+    add_delivery_options,
+    delivery_settings,
+    queue_command,
+    queue_main,
+)
 from mailwire.adapters.threads import Controller
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._events import Reply
@@ -290,5 +298,54 @@ def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path) -> No
         assert "mailwire_recipients_delivered_total 1\n" in text
         assert "mailwire_recipients_bounced_total 0\n" in text
         assert text.endswith("# EOF\n")
+    finally:
+        mta.stop()
+
+
+def test_cli_glue_reads_delivery_options_and_the_toml_table() -> None:
+    parser = argparse.ArgumentParser()
+    add_delivery_options(parser)
+    options = vars(
+        parser.parse_args(
+            ["--delivery-port", "2525", "--nameserver", "127.0.0.1:5353", "--maildir", "/m"]
+        )
+    )
+    options["hostname"] = "kept.test"  # a server option: left for Settings.update
+    deliver, d = delivery_settings({"first_retry": 60, "aliases": {"a": "b@c"}}, options)
+    assert deliver is True
+    assert (d.delivery_port, d.nameservers, d.maildir) == (2525, ["127.0.0.1:5353"], "/m")
+    assert d.first_retry == 60.0 and d.aliases == {"a": "b@c"}
+    assert options == {"hostname": "kept.test"}
+    assert delivery_settings({"enabled": False}, {})[0] is False
+    assert delivery_settings({}, vars(parser.parse_args(["--no-deliver"])))[0] is False
+    with pytest.raises(ValueError, match="unknown setting"):
+        delivery_settings({"port": 25}, {})
+    with pytest.raises(ValueError, match="delivery_port must be a int"):
+        delivery_settings({"delivery_port": "25"}, {})
+
+
+def test_queue_main_prints_a_mailq_table_and_json(
+    net: Net, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = str(tmp_path / "spool")
+    assert queue_main(spool, "list", None) == 3  # nothing running
+    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta.start()
+    try:
+        capsys.readouterr()
+        assert queue_main(spool, "list", None) == 0
+        assert capsys.readouterr().out == "Mail queue is empty\n"
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["zed@later.test"], MESSAGE)
+        assert eventually(lambda: len(mta.queue()) == 1)
+        assert queue_main(spool, "list", None) == 0
+        out = capsys.readouterr().out
+        assert "<a@sender.test>" in out and "<zed@later.test>" in out
+        assert out.endswith("-- 1 message(s), 1 recipient(s)\n")
+        qid = mta.queue()[0].message.queue_id
+        assert queue_main(spool, "show", qid, as_json=True) == 0
+        assert f'"id": "{qid}"' in capsys.readouterr().out
+        assert queue_main(spool, "hold", "NOSUCHID") == 1
     finally:
         mta.stop()
