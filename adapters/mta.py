@@ -738,7 +738,9 @@ def run_mta(
             log.error("the server stopped unexpectedly")
             status = 1
             break
+    log.info("stopping: letting transactions finish (grace %.1f s)", settings.grace)
     mta.stop(grace=settings.grace)
+    log.info("stopped")
     return status
 
 
