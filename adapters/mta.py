@@ -726,8 +726,8 @@ def run_mta(
         log.error("cannot start: %s", exc)
         return 1
     log.info(
-        "mailwire MTA on %s (%s runtime, spool %s, pid %d)",
-        " ".join(f"{h}:{p}" for h, p in mta.addresses),
+        "mailwire serving on %s (%s runtime, spool %s, pid %d, with delivery)",
+        " ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in mta.addresses),
         settings.runtime,
         os.path.abspath(settings.spool),
         os.getpid(),

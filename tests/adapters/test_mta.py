@@ -178,8 +178,8 @@ def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> N
         assert child.stderr is not None
         address = None
         for line in child.stderr:
-            if "mailwire MTA on " in line:
-                address = line.split("mailwire MTA on ")[1].split()[0]
+            if "mailwire serving on " in line:
+                address = line.split("mailwire serving on ")[1].split()[0]
                 break
         assert address is not None, "the child MTA did not start"
         host, _, port = address.rpartition(":")
