@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 RUNTIMES = ("asyncio", "trio", "threads")
 NAMES = (
     "smtp-sink",
@@ -48,6 +49,69 @@ RECIPIENT = "to@sink.example"
 def have_smtp_source() -> bool:
     """True when Postfix's smtp-source (and smtp-sink) are installed."""
     return os.access(SMTP_SOURCE, os.X_OK) and os.access(SMTP_SINK, os.X_OK)
+
+
+def have_postfix() -> bool:
+    """True when a private Postfix instance can be started (postfix installed, running as
+    root, a ``postfix`` user exists)."""
+    import pwd
+
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return False
+    return os.geteuid() == 0 and os.access(POSTFIX, os.X_OK)
+
+
+_POSTFIX_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = postfix.bench
+mydomain = bench
+mydestination =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+default_process_limit = 100
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+default_transport = discard
+local_transport = discard
+relay_transport = discard
+"""
+_POSTFIX_MASTER = """\
+127.0.0.1:{port} inet n - n - 100 smtpd
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+proxymap  unix  - - n - - proxymap
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+discard   unix  - - n - - discard
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def _postfix(directory: str, command: str) -> None:
+    # postfix only reports on a terminal or to syslog; `script` gives it a terminal
+    cmd = f"{POSTFIX} -c {directory}/etc {command}"
+    proc = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"postfix {command} failed: {proc.stdout.strip()[-300:]}")
 
 
 def have_uvloop() -> bool:
@@ -96,6 +160,7 @@ class Peers:
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     tmpdirs: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)
+    postfix_dir: str | None = None
 
     def start(
         self, name: str, spool_dir: str | None = None, env: dict[str, str] | None = None
@@ -108,6 +173,8 @@ class Peers:
         Raises:
             RuntimeError: it did not come up.
         """
+        if name == "postfix":
+            return self._start_postfix(spool_dir)
         if name == "smtp-sink":
             port = _free_port()
             cmd = [SMTP_SINK]
@@ -142,8 +209,70 @@ class Peers:
         self.ports[name] = port
         return port
 
+    def _start_postfix(self, parent: str | None) -> int:
+        """A private Postfix (smtpd, cleanup with its fsync, qmgr, discard delivery) in a
+        temporary directory: the durable-acceptance reference for issue 6."""
+        tmp = tempfile.TemporaryDirectory(prefix="mailwire-bench-postfix-", dir=parent)
+        self.tmpdirs.append(tmp)
+        d = tmp.name
+        os.chmod(d, 0o755)
+        for sub in ("etc", "queue", "data"):
+            os.makedirs(os.path.join(d, sub))
+        for extra in ("dynamicmaps.cf", "dynamicmaps.cf.d", "postfix-files", "postfix-files.d"):
+            src = os.path.join("/etc/postfix", extra)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(d, "etc", extra))
+            elif os.path.exists(src):
+                shutil.copy(src, os.path.join(d, "etc", extra))
+        port = _free_port()
+        with open(os.path.join(d, "etc", "main.cf"), "w") as f:
+            f.write(_POSTFIX_MAIN.format(dir=d))
+        with open(os.path.join(d, "etc", "master.cf"), "w") as f:
+            f.write(_POSTFIX_MASTER.format(port=port))
+        shutil.chown(os.path.join(d, "data"), user="postfix")
+        _postfix(d, "post-install create-missing")
+        _postfix(d, "start")
+        self.postfix_dir = d
+        self.ports["postfix"] = port
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.recv(100)
+                    s.sendall(b"QUIT\r\n")
+                    break
+            except OSError:
+                time.sleep(0.05)  # startup poll of the daemon, not a test sleep
+        return port
+
+    def postfix_cpu_seconds(self) -> float:
+        """CPU seconds used so far by every process of the private Postfix instance."""
+        d = self.postfix_dir
+        assert d is not None
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if d.encode() in cmdline or _postfix_child(pid, d):
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def stop(self, name: str) -> None:
         """Stop one server."""
+        if name == "postfix":
+            if self.postfix_dir is not None:
+                _postfix(self.postfix_dir, "stop")
+                self.postfix_dir = None
+            self.ports.pop(name, None)
+            return
         proc = self.procs.pop(name, None)
         self.ports.pop(name, None)
         if proc is not None:
@@ -158,7 +287,7 @@ class Peers:
 
     def stop_all(self) -> None:
         """Stop every server and remove temporary spools."""
-        for name in list(self.procs):
+        for name in list(self.procs) + (["postfix"] if self.postfix_dir else []):
             self.stop(name)
         for tmp in self.tmpdirs:
             tmp.cleanup()
@@ -170,6 +299,8 @@ class Peers:
 
     def cpu_seconds(self, name: str) -> float:
         """User + system CPU time the server process (all its threads) has used so far."""
+        if name == "postfix":
+            return self.postfix_cpu_seconds()
         user, system = self.cpu_split(name)
         return user + system
 
@@ -179,6 +310,16 @@ class Peers:
             fields = f.read().rsplit(")", 1)[1].split()
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _postfix_child(pid: str, directory: str) -> bool:
+    # Postfix daemons do not show the config directory on their command line; they inherit
+    # MAIL_CONFIG from master.
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"MAIL_CONFIG={directory}/etc".encode() in f.read()
+    except OSError:
+        return False
 
 
 def _free_port() -> int:

@@ -22,7 +22,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _peers import Peers, have_smtp_source, have_uvloop, smtp_source  # noqa: E402
+from _peers import (  # noqa: E402
+    Peers,
+    have_postfix,
+    have_smtp_source,
+    have_uvloop,
+    smtp_source,
+)
 
 # (label, payload octets, sessions, messages per measurement at scale 1)
 CASES = [
@@ -46,6 +52,7 @@ SHORT = {
     "mailwire-spool-asyncio": "spool-asyncio",
     "mailwire-spool-trio": "spool-trio",
     "mailwire-spool-threads": "spool-threads",
+    "postfix": "postfix",
 }
 
 
@@ -129,6 +136,9 @@ def main() -> None:
     parser.add_argument("--no-spool", action="store_true", help="skip the durable spool table")
     parser.add_argument("--no-reuse", action="store_true", help="one connection per message")
     parser.add_argument("--spool-dir", help="parent directory for spools (default: $TMPDIR)")
+    parser.add_argument(
+        "--no-postfix", action="store_true", help="skip the private Postfix instance"
+    )
     args = parser.parse_args()
     if not have_smtp_source():
         raise SystemExit("smtp-source/smtp-sink not installed (Debian package postfix)")
@@ -178,14 +188,24 @@ def main() -> None:
             tmp = tempfile.TemporaryDirectory(prefix="mailwire-spools-", dir=spool_parent)
             for name in spool_names:
                 peers.start(name, os.path.join(tmp.name, name))
+            spool_ratios: list[tuple[str, str, str]] = []
+            if have_postfix() and not args.no_postfix:
+                peers.start("postfix", spool_parent)
+                spool_names.append("postfix")
+                spool_ratios = [(f"{SHORT[n]}/postfix", n, "postfix") for n in spool_names[:-1]]
             start = time.perf_counter()
             results, cpu = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
+            print(f"\n## durable acceptance, fsync on, in {spool_parent}: mailwire's spool (file +")
+            print("## directory fsync, group commit) vs Postfix (smtpd -> cleanup, fsync per file;")
             print(
-                f"\n## durable spool, fsync on (file + directory, group commit), {spool_parent}\n"
+                "## qmgr delivers to discard). Target (issue 6): >= 3x Postfix, 1 KB, 20 sessions\n"
             )
-            print(table(spool_names, SPOOL_CASES, results, []))
-            print("\nserver CPU us/message:\n")
-            print(table(spool_names, SPOOL_CASES, cpu, [], digits=1))
+            print(table(spool_names, SPOOL_CASES, results, spool_ratios))
+            print(
+                "\nserver CPU us/message (Postfix: all its processes, delivery to discard too):\n"
+            )
+            cpu_ratios = [(n, d, m) for n, m, d in spool_ratios]
+            print(table(spool_names, SPOOL_CASES, cpu, cpu_ratios, digits=1))
             print(f"\n({time.perf_counter() - start:.0f} s)")
             peers.stop_all()
             tmp.cleanup()
