@@ -7,6 +7,7 @@
 #     <dir>/queue/<ID>    committed messages, one file each: the content, then the envelope
 #                         (JSON), then a fixed-size footer with both lengths and a CRC-32.
 #     <dir>/corrupt/      files recovery found damaged (kept for a human, never deleted).
+#     <dir>/free/         empty files kept for reuse; never a message.
 #
 # Durability (RFC 5321 4.2.5 and 6.1: once the server answers 250 to the end of data it has
 # accepted responsibility for the message; it MUST NOT lose it "because of a system crash").
@@ -23,6 +24,14 @@
 # fsyncs queue/ once, then releases the waiters.  While a batch is on disk the next one
 # gathers, so concurrent sessions share flushes and a lone session pays one round.
 # ``max_batch=1`` gives the classic one-message-at-a-time behaviour (for comparison).
+#
+# Inode reuse.  On this machine's journal-less ext4, creating a file costs ~0.7 ms of system
+# CPU (inode allocation; appending to a file costs ~2 us, renaming one ~20 us), more than all
+# of mailwire's SMTP work for a 1 KB message.  So delete() truncates a message and renames it
+# into free/ instead of unlinking it, and a new message takes a file from free/ (rename into
+# tmp/, open with O_TRUNC) when there is one; ``preallocate`` fills free/ at start-up.  Safety
+# is unchanged: a file only becomes a message by the fsync + rename into queue/ above, and
+# recovery treats tmp/ leftovers as free files.
 #
 # Runtimes.  Handler methods run on the event loop on asyncio/trio and in the connection's
 # thread on threads.  Content is kept in memory up to ``spill`` bytes (the file is created
@@ -260,7 +269,11 @@ class _Writer:
 
     def _open(self) -> None:
         self.path = os.path.join(self.store.tmp_dir, secrets.token_hex(12))
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if self.store._reuse(self.path):
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            self.fd = os.open(self.path, flags, 0o600)
 
     def commit(self, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
         if self.done:
@@ -276,7 +289,7 @@ class _Writer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            _unlink_quietly(self.path)
+            self.store._recycle(self.path)
 
     # called on the committer's pool: everything but the rename and the directory fsync
     def finish(self, queue_id: str, envelope: SpoolEnvelope, fsync: bool) -> None:
@@ -316,6 +329,8 @@ class DirectoryStore:
         fsync: False skips every fsync (NOT durable; for benchmarks and tests only).
         spill: content above this many bytes goes to a tmp file as it arrives.
         workers: threads that fsync a batch's files in parallel.
+        preallocate: empty files to create in free/ at start-up (see the module comment).
+        max_free: most files kept in free/ for reuse.
 
     Raises:
         SpoolError: the directory is locked by another process.
@@ -329,8 +344,14 @@ class DirectoryStore:
         fsync: bool = True,
         spill: int = 1 << 20,
         workers: int = 16,
+        preallocate: int = 0,
+        max_free: int = 10_000,
     ) -> None:
         self.directory = os.fspath(directory)
+        self.free_dir = os.path.join(self.directory, "free")
+        self.max_free = max_free
+        self._free: builtins.list[str] = []
+        self._free_lock = threading.Lock()
         self.tmp_dir = os.path.join(self.directory, "tmp")
         self.queue_dir = os.path.join(self.directory, "queue")
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
@@ -338,7 +359,7 @@ class DirectoryStore:
         self.fsync = fsync
         self.spill = spill
         self.ids = QueueIds()
-        for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir):
+        for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir, self.free_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._lock_fd = os.open(
             os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
@@ -351,6 +372,11 @@ class DirectoryStore:
         self._queue_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if self.fsync:  # the subdirectories themselves must survive a crash
             _fsync_dir(self.directory)
+        self._free = [n for n in os.listdir(self.free_dir) if not n.startswith(".")]
+        for _ in range(max(0, preallocate - len(self._free))):
+            name = secrets.token_hex(12)
+            os.close(os.open(os.path.join(self.free_dir, name), os.O_WRONLY | os.O_CREAT, 0o600))
+            self._free.append(name)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max(1, workers), thread_name_prefix="mailwire-spool-fsync"
         )
@@ -440,7 +466,7 @@ class DirectoryStore:
             if error is None:
                 done.append(r)
             else:
-                _unlink_quietly(r.writer.path)
+                self._recycle(r.writer.path)
                 r.future.set_exception(SpoolError(f"could not store message: {error}"))
         if not done:
             return
@@ -487,12 +513,45 @@ class DirectoryStore:
         """
         if not _valid_id(queue_id):
             raise SpoolError(f"not a queue ID: {queue_id!r}")
+        path = os.path.join(self.queue_dir, queue_id)
         try:
-            os.unlink(os.path.join(self.queue_dir, queue_id))
+            os.truncate(path, 0)  # the content does not linger in free/
         except FileNotFoundError as exc:
             raise SpoolError(f"no message {queue_id}") from exc
+        self._recycle(path)
         if self.fsync:
             os.fsync(self._queue_fd)
+
+    # --- inode reuse ------------------------------------------------------------------------------
+
+    def _reuse(self, path: str) -> bool:
+        """Move a file from free/ to ``path``; False if there is none."""
+        while True:
+            with self._free_lock:
+                if not self._free:
+                    return False
+                name = self._free.pop()
+            try:
+                os.rename(os.path.join(self.free_dir, name), path)
+                return True
+            except FileNotFoundError:
+                continue
+
+    def _recycle(self, path: str) -> None:
+        """Keep the file at ``path`` (content irrelevant) in free/ for reuse, or unlink it."""
+        with self._free_lock:
+            keep = len(self._free) < self.max_free
+        if not keep:
+            _unlink_quietly(path)
+            return
+        name = secrets.token_hex(12)
+        try:
+            os.rename(path, os.path.join(self.free_dir, name))
+        except OSError:
+            _unlink_quietly(path)
+            return
+        with self._free_lock:
+            self._free.append(name)
 
     def recover(self) -> builtins.list[str]:
         """Delete tmp/ leftovers (never acknowledged), move damaged queue files to corrupt/.
@@ -502,7 +561,7 @@ class DirectoryStore:
         """
         removed = 0
         for name in os.listdir(self.tmp_dir):
-            _unlink_quietly(os.path.join(self.tmp_dir, name))
+            self._recycle(os.path.join(self.tmp_dir, name))
             removed += 1
         good = []
         for queue_id in self.list():

@@ -370,3 +370,29 @@ def test_spool_handler_discards_aborted_message(runtime: str, tmp_path: Path) ->
     finally:
         handler.close()
     assert os.listdir(tmp_path / "queue") == [] and os.listdir(tmp_path / "tmp") == []
+
+
+def test_deleted_message_file_is_reused_without_stale_bytes(tmp_path: Path) -> None:
+    with DirectoryStore(tmp_path) as s:
+        old = s.put(envelope(1), [b"a long message " * 100])
+        inode = os.stat(Path(s.queue_dir, old)).st_ino
+        s.delete(old)
+        assert s.list() == []
+        (free,) = os.listdir(s.free_dir)
+        assert os.path.getsize(Path(s.free_dir, free)) == 0  # content removed at delete
+        new = s.put(envelope(2), [b"short"])
+        assert os.stat(Path(s.queue_dir, new)).st_ino == inode
+        assert s.get(new).content == b"short"
+        assert os.listdir(s.free_dir) == []
+
+
+def test_preallocated_files_are_used_and_never_listed(tmp_path: Path) -> None:
+    with DirectoryStore(tmp_path, preallocate=3) as s:
+        assert len(os.listdir(s.free_dir)) == 3
+        assert s.recover() == []
+        queue_id = s.put(envelope(), [b"x"])
+        assert len(os.listdir(s.free_dir)) == 2
+        assert s.list() == [queue_id]
+    with DirectoryStore(tmp_path, preallocate=3) as s:  # reopened: the pool is found again
+        assert len(os.listdir(s.free_dir)) == 3
+        assert s.recover() == [queue_id]
