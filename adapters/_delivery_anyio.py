@@ -5,9 +5,12 @@
 #   Scheduler.pop_due(now)          what is due (per-destination limits and back-off applied)
 #     -> store.get(id)              the content, in a worker thread (blocking file I/O)
 #     -> group_recipients()         local vs remote, next hops
+#     -> loop check, Received       RFC 5321 6.3 / 4.4 (adapters/_delivery.py helpers)
 #     -> RouteLookup + dnspython    the Route (resolve_route_async, adapters/_dns.py)
-#     -> DeliveryWalk + sessions    one DeliverySession per target until the walk is done;
-#                                   local routes go to the local delivery callable
+#     -> DeliveryWalk + sessions    one DeliverySession per target until the walk is done
+#                                   (a failed opportunistic STARTTLS retries that host in
+#                                   clear text); local routes go to the local delivery
+#                                   callable, or over LMTP when DeliveryConfig.lmtp is set
 #     -> Scheduler.complete()       per-recipient replies, remote MTA, destination back-off
 #     -> notifications()            bounces/delay notices, stored and queued as new messages
 #                                   from <> to the sender (so they are retried like any mail)
@@ -17,10 +20,14 @@
 # times in the spool); tests pass a fake clock and call run_once() to step it, so retries
 # and expiry are exercised without sleeping.  Network timeouts use the runtime's own clock.
 #
-# Concurrency.  Deliveries run in one task group, at most ``max_deliveries`` at a time; the
-# Scheduler enforces per-destination concurrency.  Every lease is completed exactly once, even
-# when a delivery crashes (its recipients are then deferred with 451 4.3.0), so no recipient is
-# ever lost or stuck.
+# Concurrency.  run() starts each delivery as it comes due in one long-lived task group, at
+# most ``max_deliveries`` at a time, so a hung destination never holds up the others (run_once,
+# for tests, runs batches to completion).  The Scheduler enforces per-destination concurrency
+# and back-off.  Every lease is completed exactly once, even when a delivery crashes (its
+# recipients are then deferred with 451 4.3.0), so no recipient is ever lost or stuck.
+#
+# Not yet: connection reuse across messages to one host, a DNS answer cache, a blocking
+# variant for the threads runtime (the MTA runs this agent on asyncio there).
 #
 # Restart.  start() queues every message the store holds (SpoolHandler's recovery already
 # removed unacknowledged leftovers).  The spool keeps no per-recipient state, so final
