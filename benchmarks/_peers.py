@@ -431,7 +431,8 @@ def _serve_mailwire(name: str, spool_dir: str | None) -> None:
         from mailwire.adapters._spool import SpoolHandler
 
         assert spool_dir is not None
-        handler = SpoolHandler(spool_dir)
+        prealloc = int(os.environ.get("MAILWIRE_BENCH_SPOOL_PREALLOCATE", "0"))
+        handler = SpoolHandler(spool_dir, preallocate=prealloc)
     else:
         handler = Handler()  # the base Handler discards every message
     config = ServerConfig(hostname="mailwire.bench")
