@@ -2,7 +2,8 @@
 generator against smtp-sink, aiosmtpd and mailwire on each runtime (issue 4), and the durable
 spool with fsync on (issue 6).
 
-    python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool] [--no-reuse]
+    python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool | --spool-only]
+        [--spool-preallocate N] [--no-postfix] [--no-reuse] [--spool-dir DIR]
 
 Each server runs in its own process; repetitions are interleaved (every server once per
 round) and the table shows the median messages/s of the rounds and ratios computed from those
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds (median is reported)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     parser.add_argument("--no-spool", action="store_true", help="skip the durable spool table")
+    parser.add_argument("--spool-only", action="store_true", help="only the durable spool table")
     parser.add_argument("--no-reuse", action="store_true", help="one connection per message")
     parser.add_argument("--spool-dir", help="parent directory for spools (default: $TMPDIR)")
     parser.add_argument(
@@ -165,29 +167,30 @@ def main() -> None:
     )
     peers = Peers()
     try:
-        for name in names:
-            peers.start(name)
-        start = time.perf_counter()
-        results, cpu = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
-        ratios = [
-            ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
-            ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
-            ("threads/asyncio", "mailwire-threads", "mailwire-asyncio"),
-        ]
-        if "mailwire-asyncio-uvloop" in names:
-            ratios += [
-                ("uvloop/aiosmtpd", "mailwire-asyncio-uvloop", "aiosmtpd"),
-                ("uvloop/sink", "mailwire-asyncio-uvloop", "smtp-sink"),
+        if not args.spool_only:
+            for name in names:
+                peers.start(name)
+            start = time.perf_counter()
+            results, cpu = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
+            ratios = [
+                ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
+                ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
+                ("threads/asyncio", "mailwire-threads", "mailwire-asyncio"),
             ]
-        ratios.append(("asyncio/sink", "mailwire-asyncio", "smtp-sink"))
-        print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
-        print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB)\n")
-        print(table(names, CASES, results, ratios))
-        print("\n## server CPU per message, microseconds (user + system; lower is better;")
-        print("## ratios are CPU-efficiency ratios: den/num, i.e. how many times cheaper)\n")
-        print(table(names, CASES, cpu, [(n, d, m) for n, m, d in ratios], digits=1))
-        print(f"\n({time.perf_counter() - start:.0f} s)")
-        peers.stop_all()
+            if "mailwire-asyncio-uvloop" in names:
+                ratios += [
+                    ("uvloop/aiosmtpd", "mailwire-asyncio-uvloop", "aiosmtpd"),
+                    ("uvloop/sink", "mailwire-asyncio-uvloop", "smtp-sink"),
+                ]
+            ratios.append(("asyncio/sink", "mailwire-asyncio", "smtp-sink"))
+            print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
+            print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB)\n")
+            print(table(names, CASES, results, ratios))
+            print("\n## server CPU per message, microseconds (user + system; lower is better;")
+            print("## ratios are CPU-efficiency ratios: den/num, i.e. how many times cheaper)\n")
+            print(table(names, CASES, cpu, [(n, d, m) for n, m, d in ratios], digits=1))
+            print(f"\n({time.perf_counter() - start:.0f} s)")
+            peers.stop_all()
 
         if not args.no_spool:
             spool_parent = args.spool_dir or tempfile.gettempdir()
