@@ -1,15 +1,46 @@
-"""mailwire.protocol: a Sans-I/O SMTP engine.
+"""mailwire.protocol: a Sans-I/O SMTP engine and the pure core of a mail transfer agent.
 
 Bytes in, events out, bytes to send.  Nothing in this package performs I/O, reads a clock or
-draws random numbers: time and randomness are arguments.  See ``ServerConnection`` (the
-server side), the event classes, and ``SessionState``.
+draws random numbers: time and randomness are arguments.
+
+* ``ServerConnection`` / ``ServerConfig``: the server side of SMTP, ESMTP and LMTP.
+* ``ClientConnection`` / ``ClientConfig``: the client side; ``MailTransaction`` and
+  ``SessionSetup`` drive a whole transaction / session opening on top of it.
+* The events (``Ehlo``, ``MailFrom``, ``RcptTo``, ``MessageData``, ``Reply``, ...) are the same
+  classes in both directions; ``SessionState`` is shared.
+* Routing (``group_recipients``, ``RouteLookup``, ``DeliveryWalk``), the queue
+  (``Scheduler``, ``RetryPolicy``), delivery status notifications (``build_dsn``,
+  ``parse_dsn``), trace headers (``received_header``) and policy (``check_relay``,
+  ``RateLimiter``): the decisions of an MTA, with every input passed in.
 
 Errors: ``LocalProtocolError`` means the local application used the engine wrongly (raised by
 ``send()`` and event constructors); ``RemoteProtocolError`` means the peer broke SMTP beyond
 recovery (raised only by ``next_event()``).
 """
 
-from mailwire.protocol._config import LineEndings, ServerConfig
+from mailwire.protocol._client import (
+    ClientConnection,
+    LineNormalizer,
+    LoginAuth,
+    PlainAuth,
+    SaslMechanism,
+    XOAuth2Auth,
+    parse_extensions,
+)
+from mailwire.protocol._config import ClientConfig, LineEndings, ServerConfig
+from mailwire.protocol._dnsquery import Query as DnsQuery
+from mailwire.protocol._dnsquery import RouteLookup, RRType, route_from_answers
+from mailwire.protocol._dsn import (
+    DSNAction,
+    DSNMessage,
+    DSNParseError,
+    DSNRecipient,
+    DSNReport,
+    build_dsn,
+    parse_delivery_status,
+    parse_dsn,
+    wants_notification,
+)
 from mailwire.protocol._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from mailwire.protocol._events import (
     NEED_DATA,
@@ -44,51 +75,188 @@ from mailwire.protocol._events import (
     Vrfy,
 )
 from mailwire.protocol._grammar import is_valid_domain, is_valid_mailbox, split_mailbox
+from mailwire.protocol._policy import (
+    Limit,
+    LimitKey,
+    Rate,
+    RateDecision,
+    RateLimiter,
+    RelayDecision,
+    RelayPolicy,
+    RelayVerdict,
+    SenderLimits,
+    check_relay,
+)
+from mailwire.protocol._queue import (
+    Completion,
+    Delivery,
+    DestinationState,
+    MessageState,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    RecipientStatus,
+    RetryPolicy,
+    Scheduler,
+    next_retry_time,
+    retry_delay,
+)
+from mailwire.protocol._routing import (
+    AddressPreference,
+    AttemptOutcome,
+    ConnectFailed,
+    ConnectionLost,
+    DeliveryWalk,
+    Destination,
+    DnsAnswer,
+    DnsStatus,
+    MessageReply,
+    MXRecord,
+    NextHop,
+    RecipientReply,
+    Route,
+    RouteKind,
+    RoutingConfig,
+    SessionReply,
+    Stage,
+    Target,
+    explain,
+    group_recipients,
+    order_mx,
+)
 from mailwire.protocol._server import Envelope, ServerConnection
 from mailwire.protocol._state import SessionState
+from mailwire.protocol._trace import (
+    ReceivedCounter,
+    TraceInfo,
+    check_hop_count,
+    count_received,
+    received_header,
+)
+from mailwire.protocol._transaction import (
+    MailTransaction,
+    RecipientResult,
+    SessionSetup,
+    SetupResult,
+    TransactionResult,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "NEED_DATA",
-    "PAUSED",
+    "AddressPreference",
+    "AttemptOutcome",
     "Auth",
     "AuthCredentials",
     "AuthResponse",
     "Bdat",
+    "ClientConfig",
+    "ClientConnection",
     "ClientEvent",
     "Command",
     "CommandRejected",
+    "Completion",
+    "ConnectFailed",
     "ConnectionClosed",
+    "ConnectionLost",
+    "DSNAction",
+    "DSNMessage",
+    "DSNParseError",
+    "DSNRecipient",
+    "DSNReport",
     "Data",
+    "Delivery",
+    "DeliveryWalk",
+    "Destination",
+    "DestinationState",
+    "DnsAnswer",
+    "DnsQuery",
+    "DnsStatus",
     "Ehlo",
     "EndOfMessage",
     "Envelope",
     "Expn",
     "Helo",
     "Help",
-    "LineEndings",
     "Lhlo",
+    "Limit",
+    "LimitKey",
+    "LineEndings",
+    "LineNormalizer",
     "LocalProtocolError",
+    "LoginAuth",
+    "MXRecord",
     "MailFrom",
+    "MailTransaction",
     "MessageData",
     "MessageRejected",
+    "MessageReply",
+    "MessageState",
+    "NEED_DATA",
+    "NextHop",
     "Noop",
+    "PAUSED",
+    "PlainAuth",
     "ProtocolError",
+    "QueuedMessage",
     "Quit",
+    "RRType",
+    "Rate",
+    "RateDecision",
+    "RateLimiter",
     "RcptTo",
+    "ReceivedCounter",
+    "Recipient",
+    "RecipientReply",
+    "RecipientResult",
+    "RecipientState",
+    "RecipientStatus",
+    "RelayDecision",
+    "RelayPolicy",
+    "RelayVerdict",
     "RemoteProtocolError",
     "Reply",
+    "RetryPolicy",
+    "Route",
+    "RouteKind",
+    "RouteLookup",
+    "RoutingConfig",
     "Rset",
+    "SaslMechanism",
+    "Scheduler",
+    "SenderLimits",
     "Sentinel",
     "ServerConfig",
     "ServerConnection",
     "ServerEvent",
+    "SessionReply",
+    "SessionSetup",
     "SessionState",
+    "SetupResult",
+    "Stage",
     "StartTLS",
     "TLSEstablished",
+    "Target",
+    "TraceInfo",
+    "TransactionResult",
     "Vrfy",
+    "XOAuth2Auth",
+    "build_dsn",
+    "check_hop_count",
+    "check_relay",
+    "count_received",
+    "explain",
+    "group_recipients",
     "is_valid_domain",
     "is_valid_mailbox",
+    "next_retry_time",
+    "order_mx",
+    "parse_delivery_status",
+    "parse_dsn",
+    "parse_extensions",
+    "received_header",
+    "retry_delay",
+    "route_from_answers",
     "split_mailbox",
+    "wants_notification",
 ]
