@@ -386,6 +386,8 @@ class MailTransaction:
         match command:
             case MailFrom():
                 self._mail_reply = reply
+                if not reply.is_positive and not self._pipelining:
+                    self._queue.clear()  # step by step: no RCPT after a refused MAIL
             case RcptTo():
                 if self._rcpt_index < len(self._rcpts):
                     self._rcpt_replies[self._rcpt_index] = reply

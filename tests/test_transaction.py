@@ -161,6 +161,18 @@ def test_without_pipelining_data_is_skipped_when_nobody_was_accepted() -> None:
     assert tx.result.recipients[0].reply == Reply(code=450, text="4.2.1 try later")
 
 
+def test_without_pipelining_refused_mail_sends_no_rcpt() -> None:
+    # found by the delivery agent's property test: the queued RCPT used to be sent after a
+    # refused MAIL, and the engine raised LocalProtocolError (RCPT is not legal in READY)
+    conn = greeted(b"250 mx.example\r\n")
+    tx = MailTransaction(conn, sender=SENDER, recipients=[BOB], body=[b"x"])
+    assert tx.data_to_send() == b"MAIL FROM:<alice@client.example>\r\n"  # C:
+    tx.receive_data(b"550 5.7.1 not you\r\n")  # S:
+    assert tx.data_to_send() == b""  # C: nothing: no RCPT, no RSET needed
+    assert tx.done and not tx.result.ok
+    assert tx.result.recipients[0].reply is None
+
+
 # --- before anything is sent ------------------------------------------------------------------
 
 
