@@ -78,12 +78,12 @@ from mailwire.protocol._routing import (
     MessageReply,
     NextHop,
     RecipientReply,
-    RecipientResult,
     RecipientStatus,
     RoutingConfig,
     SessionReply,
     Stage,
     Target,
+    WalkResult,
 )
 from mailwire.protocol._trace import (
     DEFAULT_MAX_RECEIVED,
@@ -454,7 +454,7 @@ class AttemptReport:
     connection_failed: bool = False
 
 
-def report_from_results(results: Sequence[RecipientResult]) -> AttemptReport:
+def report_from_results(results: Sequence[WalkResult]) -> AttemptReport:
     """Fold DeliveryWalk results (of one or more routes) into scheduler input.
 
     ``connection_failed`` is True when every recipient was deferred without any target

@@ -82,9 +82,9 @@ from mailwire.protocol._routing import (
     Destination,
     Route,
     RouteKind,
+    WalkResult,
     group_recipients,
 )
-from mailwire.protocol._routing import RecipientResult as WalkResult
 from mailwire.protocol._routing import RecipientStatus as WalkStatus
 
 log = logging.getLogger("mailwire.adapters.delivery")

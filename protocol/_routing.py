@@ -912,8 +912,8 @@ AttemptOutcome: TypeAlias = (
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecipientResult:
-    """The outcome of one delivery attempt for one recipient.
+class WalkResult:
+    """The outcome of one delivery attempt for one recipient (what DeliveryWalk.results holds).
 
     Attributes:
         recipient: the address.
@@ -976,7 +976,7 @@ class DeliveryWalk:
         self._current: Target | None = None
         self._in_session = False
         self._open: dict[str, _Rcpt] = dict.fromkeys(route.recipients, _Rcpt.OPEN)
-        self._final: dict[str, RecipientResult] = {}
+        self._final: dict[str, WalkResult] = {}
         self._last: Reply = _reply(451, "4.4.0 No route to deliver over")
         self._transient = False
         self._finished = False
@@ -1016,7 +1016,7 @@ class DeliveryWalk:
         reply."""
         return tuple(r for r, state in self._open.items() if state is _Rcpt.ACCEPTED)
 
-    def results(self) -> dict[str, RecipientResult]:
+    def results(self) -> dict[str, WalkResult]:
         """The result for each recipient that has one (all of them once finished)."""
         return dict(self._final)
 
@@ -1089,9 +1089,7 @@ class DeliveryWalk:
     def _settle(self, rcpt: str, status: RecipientStatus, reply: Reply) -> None:
         del self._open[rcpt]
         target = self._current if self._in_session else None
-        self._final[rcpt] = RecipientResult(
-            recipient=rcpt, status=status, reply=reply, target=target
-        )
+        self._final[rcpt] = WalkResult(recipient=rcpt, status=status, reply=reply, target=target)
 
     def _end_session(self) -> None:
         self._in_session = False

@@ -102,6 +102,7 @@ PUBLIC = [
     "TraceInfo",
     "TransactionResult",
     "Vrfy",
+    "WalkResult",
     "XOAuth2Auth",
     "build_dsn",
     "check_hop_count",
