@@ -20,7 +20,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from mailwire.adapters._driver import (
     BaseController,
@@ -141,9 +141,9 @@ class _Connection(asyncio.Protocol):
 
     # --- transport callbacks ----------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing asyncio.Transport
+        self.transport = transport = cast(asyncio.Transport, base)
         server = self.server
         peer = transport.get_extra_info("peername")
         if len(server.live) >= server.max_connections or server.stopping:
@@ -260,8 +260,8 @@ class _Connection(asyncio.Protocol):
             self.abort()
             self._finish()
             return
-        assert isinstance(transport, asyncio.Transport)
-        self.transport, self.read_paused, self.busy = transport, False, False
+        self.transport = cast(asyncio.Transport, transport)
+        self.read_paused, self.busy = False, False
         assert self.driver is not None
         self.driver.tls_established()
         self._process()

@@ -590,3 +590,41 @@ def test_shutdown_sends_421_inside_tls_session(
     stopper.join(CLIENT_TIMEOUT)
     assert not stopper.is_alive()
     raw.close()
+
+
+def test_asyncio_adapter_runs_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    from mailwire.adapters import asyncio as asyncio_adapter
+    from mailwire.adapters._driver import bind
+
+    inbox = Inbox()
+    sock = bind([("127.0.0.1", 0)])[0]
+    address = sock.getsockname()
+    started = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        state["loop"] = asyncio.get_running_loop()
+        state["task"] = asyncio.current_task()
+        started.set()
+        await asyncio_adapter.serve(inbox, ServerConfig(hostname="mx.test"), sockets=[sock])
+
+    def run() -> None:
+        try:
+            uvloop.run(main())
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(CLIENT_TIMEOUT)
+        with smtp(address) as client:
+            client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+        assert inbox.messages[0][0] == MESSAGE
+        assert type(state["loop"]).__module__.startswith("uvloop")
+    finally:
+        state["loop"].call_soon_threadsafe(state["task"].cancel)
+        thread.join(CLIENT_TIMEOUT)
+        sock.close()
+    assert not thread.is_alive()
