@@ -170,7 +170,9 @@ class _Connection(asyncio.Protocol):
             self.driver.receive(b"")
             if not self.busy:
                 self._process()
-        return True  # keep the transport open: replies may still be owed
+        # keep the transport open: replies may still be owed (asyncio's TLS transports
+        # cannot half-close and warn if asked to)
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

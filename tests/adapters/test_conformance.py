@@ -628,3 +628,20 @@ def test_asyncio_adapter_runs_on_uvloop() -> None:
         thread.join(CLIENT_TIMEOUT)
         sock.close()
     assert not thread.is_alive()
+
+
+def test_commands_before_a_half_close_are_all_answered(serve: Serve) -> None:
+    inbox = Inbox()
+    server = serve(inbox)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(
+        b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        b"Subject: eof\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
+    raw.sock.shutdown(socket.SHUT_WR)  # the client is done sending, still reading
+    for code in (250, 250, 250, 354, 250, 221):
+        raw.expect(code)
+    assert raw.closed()
+    raw.close()
+    assert inbox.messages[0][0] == b"Subject: eof\r\n\r\nbody\r\n"
