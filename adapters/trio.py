@@ -105,11 +105,11 @@ class _Server:
                 sessions.start_soon(self._connection, stream)
 
     async def _connection(self, raw: trio.SocketStream) -> None:
-        stream: trio.abc.Stream = raw
+        stream: trio.abc.Stream = _Plain(raw)
         try:
             if self.implicit_tls:
                 assert self.tls_context is not None
-                stream = trio.SSLStream(raw, self.tls_context, server_side=True)
+                stream = trio.SSLStream(stream, self.tls_context, server_side=True)
                 with trio.fail_after(self.config.command_timeout):
                     await stream.do_handshake()
             if len(self.live) >= self.max_connections or self.stopping:
@@ -200,6 +200,37 @@ class _Server:
             finally:
                 live.reading = False
             driver.receive(data if type(data) is bytes else bytes(data))
+
+
+class _Plain(trio.abc.Stream):
+    """A SocketStream used through its socket: the session never sends and receives at the
+    same time, so SocketStream's per-call conflict detection and error-translating context
+    managers are pure overhead on the hot path."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._sock = stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += await self._sock.send(view[sent:])
+                except OSError as exc:
+                    raise trio.BrokenResourceError(exc) from exc
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            return await self._sock.recv(max_bytes or READ_SIZE)
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def serve(
