@@ -645,3 +645,60 @@ def test_commands_before_a_half_close_are_all_answered(serve: Serve) -> None:
     assert raw.closed()
     raw.close()
     assert inbox.messages[0][0] == b"Subject: eof\r\n\r\nbody\r\n"
+
+
+class Gate(Inbox):
+    """Holds the first chunk of message data until the test opens the gate."""
+
+    def __init__(self, runtime: str) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def on_message_data(self, session: Session, data: bytes) -> Any:
+        self.entered.set()
+        if self.runtime == "threads":
+            self.open.wait(CLIENT_TIMEOUT)
+            return super().on_message_data(session, data)
+
+        async def held() -> None:
+            while not self.open.is_set():  # the test thread opens it
+                await (asyncio.sleep(0.01) if self.runtime == "asyncio" else trio.sleep(0.01))
+            super(Gate, self).on_message_data(session, data)
+
+        return held()
+
+
+def test_slow_handler_pushes_back_on_a_fast_client(serve: Serve, runtime: str) -> None:
+    import select
+
+    handler = Gate(runtime)
+    server = serve(handler, ServerConfig(hostname="mx.test", max_message_size=0))
+    raw = Raw(server.addresses[0])
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    _start_transaction(raw)
+    raw.send(b"DATA\r\n")
+    raw.expect(354)
+    line = b"x" * 98 + b"\r\n"
+    block = line * 10000  # 1 MB
+    limit, sent = 64 * len(block), 0
+    raw.sock.setblocking(False)
+    while sent < limit:
+        if not select.select([], [raw.sock], [], 1.0)[1]:
+            break  # the client cannot send: the server stopped reading
+        try:
+            sent += raw.sock.send(block)
+        except BlockingIOError:
+            pass
+    assert handler.entered.is_set()
+    assert sent < limit // 2, f"the server kept reading {sent} bytes past a stalled handler"
+    handler.open.set()
+    raw.sock.setblocking(True)
+    raw.sock.settimeout(CLIENT_TIMEOUT)
+    rest = len(block) - sent % len(block)  # finish the block in progress
+    raw.send(block[len(block) - rest :] + b".\r\n")
+    raw.expect(250)
+    raw.close()
+    [(data, _)] = handler.messages
+    assert len(data) == sent + rest and data.endswith(line)
