@@ -23,8 +23,20 @@
 #     the rest of the message is discarded, the handler hears on_message_aborted and the
 #     client gets 451 (RFC 5321 4.2.5: the server must not lose a message it accepted).
 #   * LMTP (RFC 2033 4.2): one reply per accepted recipient, in recipient order.
-#   * The module does no I/O and reads the clock only through the `clock` it is given; the
-#     one exception is Controller, the shared "server in a background thread" helper.
+#   * The plumbing (Driver, step/run_sync/run_async, Live) does no I/O and reads the clock
+#     only through the `clock` it is given.  Shared by the three runtimes but not I/O-free:
+#     bind() (listening sockets, IPv6-only for IPv6 hosts) and BaseController (a server in a
+#     background thread, for tests and embedding).
+#
+# Running the generator.  run_sync (threads) calls every handler inline; run_async (asyncio,
+# trio) awaits results that are awaitable; step() runs inline until a handler returns an
+# awaitable and hands back a Pending, which is what the asyncio Protocol adapter uses so that
+# synchronous handlers never cost a task switch.  Handler exceptions are sent back into the
+# generator as a failure value, never raised through it.
+#
+# Graceful shutdown.  Live records a connection for its adapter; kick() marks it for a 421
+# (only when idle unless forced) and wakes a blocked read; the adapter sends the 421 the next
+# time the session would read.
 from __future__ import annotations
 
 import inspect
