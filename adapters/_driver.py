@@ -373,7 +373,8 @@ class Driver:
             ok = True
             match event:
                 case Helo() | Ehlo() | Lhlo():
-                    ok = yield from self._decide(h.on_hello, Reply(code=250), event)
+                    hello = Reply(code=250, text=f"{cfg.hostname} Hello {event.domain}")
+                    ok = yield from self._decide(h.on_hello, hello, event)
                 case MailFrom():
                     ok = yield from self._decide(h.on_mail_from, Reply(code=250, text="OK"), event)
                 case RcptTo():

@@ -112,9 +112,15 @@ def test_default_handler_greets_and_answers_with_contract_defaults() -> None:
     outcome, lines = step(driver)
     assert (outcome, lines) == ("READ", [b"220 mx.test ESMTP mailwire"])
     _, lines = step(driver, HELLO + b"VRFY bob\r\n")
-    assert lines[0] == b"250-mx.test"
+    assert lines[0] == b"250-mx.test Hello c.test"
     assert lines[-3:] == [b"250 2.1.0 OK", b"250 2.1.5 OK", lines[-1]]
     assert lines[-1].startswith(b"252 2.5.0 ")
+
+
+def test_default_helo_reply_names_both_hosts() -> None:
+    driver = make()
+    step(driver)
+    assert step(driver, b"HELO c.test\r\n")[1] == [b"250 mx.test Hello c.test"]
 
 
 def test_default_auth_decision_is_deny() -> None:
