@@ -73,7 +73,6 @@ from mailwire.protocol._events import (
 )
 from mailwire.protocol._server import Envelope, ServerConnection
 from mailwire.protocol._state import SessionState
-from mailwire.protocol._writers import format_reply
 
 Outcome: TypeAlias = Literal["READ", "STARTTLS", "CLOSE"]
 HandlerResult: TypeAlias = "Reply | Sequence[Reply] | None"
@@ -247,7 +246,6 @@ class Driver:
         self.conn = ServerConnection(config, tls_active=session.tls, now=clock())
         self.in_message = False
         self._message_failed = False
-        self._extra_out = b""
         self._greeted = False
         self._finished = False
 
@@ -266,10 +264,7 @@ class Driver:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the client."""
-        out = self.conn.data_to_send()
-        if self._extra_out:
-            out, self._extra_out = out + self._extra_out, b""
-        return out
+        return self.conn.data_to_send()
 
     def receive(self, data: bytes) -> None:
         """Feed bytes read from the socket; ``b""`` means end of file."""
@@ -288,8 +283,7 @@ class Driver:
     def shutdown(self) -> None:
         """Queue ``421 4.3.2`` (server shutting down) and end the session."""
         text = _SHUTDOWN_TEXT.format(host=self.config.hostname)
-        self._extra_out += format_reply(421, [text])
-        self.conn.send_failed()  # the engine has no "close now" entry: end it as ERROR
+        self.conn.close(Reply(code=421, text=text))
 
     def tls_established(self) -> None:
         """The STARTTLS handshake succeeded."""
@@ -310,7 +304,7 @@ class Driver:
             self.conn.send(reply, now=self.clock())
         except LocalProtocolError as exc:
             self.log.error("%s handler reply refused by the engine: %s", self.session.id, exc)
-            self._extra_out += format_reply(421, ["4.3.0 Local error, closing connection"])
+            self.conn.close(Reply(code=421, text="4.3.0 Local error, closing connection"))
             return False
         self._sync()
         return True

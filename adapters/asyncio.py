@@ -22,6 +22,8 @@ import ssl
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, cast
 
+from mailwire.adapters._client_asyncio import send_message
+from mailwire.adapters._client_driver import SendError, SendResult
 from mailwire.adapters._driver import (
     BaseController,
     Call,
@@ -37,7 +39,7 @@ from mailwire.adapters._driver import (
 )
 from mailwire.protocol._config import ServerConfig
 
-__all__ = ["Controller", "serve"]
+__all__ = ["Controller", "SendError", "SendResult", "send_message", "serve"]
 
 log = logging.getLogger("mailwire.adapters.asyncio")
 _CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and closing after shutdown

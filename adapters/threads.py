@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from mailwire.adapters._client_driver import SendError, SendResult
+from mailwire.adapters._client_threads import send_message
 from mailwire.adapters._driver import (
     BaseController,
     Driver,
@@ -31,7 +33,7 @@ from mailwire.adapters._driver import (
 )
 from mailwire.protocol._config import ServerConfig
 
-__all__ = ["Controller", "serve"]
+__all__ = ["Controller", "SendError", "SendResult", "send_message", "serve"]
 
 log = logging.getLogger("mailwire.adapters.threads")
 READ_SIZE = 64 * 1024

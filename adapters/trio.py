@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from mailwire.adapters._client_driver import SendError, SendResult
+from mailwire.adapters._client_trio import send_message
 from mailwire.adapters._driver import (
     BaseController,
     Driver,
@@ -27,7 +29,7 @@ from mailwire.adapters._driver import (
 )
 from mailwire.protocol._config import ServerConfig
 
-__all__ = ["Controller", "serve"]
+__all__ = ["Controller", "SendError", "SendResult", "send_message", "serve"]
 
 log = logging.getLogger("mailwire.adapters.trio")
 READ_SIZE = 64 * 1024

@@ -357,6 +357,28 @@ class ServerConnection:
         self._reset_transaction()
         self._timer_start = self._now
 
+    def close(self, reply: Reply | None = None) -> None:
+        """End the session from the server's side, e.g. ``421 4.3.2`` at shutdown.
+
+        Queues ``reply`` (a 4yz or 5yz; the enhanced status code is added as for any reply)
+        unless the session already ended, and moves to CLOSED; next_event() then reports
+        ConnectionClosed.  An unsolicited 421 is the one reply RFC 5321 3.8 allows at any
+        time.  Safe to call in any state, also after an error.
+
+        Raises:
+            LocalProtocolError: ``reply`` is not a 4yz or 5yz.
+        """
+        if reply is not None and reply.code < 400:
+            raise LocalProtocolError("a closing reply must be 4yz or 5yz (usually 421)")
+        if self._state is S.CLOSED:
+            return
+        if reply is not None:
+            self._out.append(self._format(reply, enhanced=True, owed=None))
+        self._owed = None
+        self._events.clear()
+        if self._state is not S.ERROR:
+            self._state = S.CLOSED
+
     def send_failed(self) -> None:
         """The adapter could not write to the peer: the session is over (ERROR)."""
         self._state = S.ERROR

@@ -991,3 +991,17 @@ def test_sequence_errors_after_failed_pipelined_commands_are_not_bad_commands() 
     codes = s.codes(transaction * 10)
     assert codes == [550, 503, 503] * 10
     assert s.conn.state is SessionState.READY
+
+
+def test_close_queues_an_unsolicited_421_and_ends_the_session() -> None:
+    s = Session()
+    s.greet()
+    s.feed(b"MAIL FROM:<a@b.example>\r\n")
+    s.conn.close(Reply(code=421, text="mx.example shutting down"))
+    assert s.conn.data_to_send() == b"421 4.0.0 mx.example shutting down\r\n"
+    assert s.conn.state is SessionState.CLOSED
+    assert isinstance(s.conn.next_event(), ConnectionClosed)
+    s.conn.close(Reply(code=421, text="again"))  # already closed: nothing more is sent
+    assert s.conn.data_to_send() == b""
+    with pytest.raises(LocalProtocolError):
+        Session().conn.close(Reply(code=250, text="not a closing reply"))
