@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from mailwire.adapters._driver import Handler, Session
+from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import MailFrom, RcptTo, Reply
 
 log = logging.getLogger("mailwire.adapters.spool")
@@ -112,8 +113,8 @@ class SpoolEnvelope:
         Raises:
             ValueError: not a valid envelope.
         """
-        d = json.loads(data)
         try:
+            d = json.loads(data)
             s = d["sender"]
             sender = MailFrom(**{**s, "extra": _pairs(s["extra"])})
             recipients = tuple(
@@ -137,7 +138,10 @@ class SpoolEnvelope:
                 arrival=float(d["arrival"]),
                 size=int(d["size"]),
             )
-        except (KeyError, TypeError, IndexError) as exc:
+        except (KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+            # RecursionError: json refuses absurdly nested input (found by fuzz_spool)
+            raise ValueError(f"bad envelope: {exc!r}") from exc
+        except LocalProtocolError as exc:  # the event constructors refuse a damaged field
             raise ValueError(f"bad envelope: {exc}") from exc
 
 
@@ -498,6 +502,8 @@ class DirectoryStore:
                 data = f.read()
         except FileNotFoundError as exc:
             raise SpoolError(f"no message {queue_id}") from exc
+        except OSError as exc:  # e.g. a directory where a message should be (fuzz_spool)
+            raise SpoolError(f"{queue_id}: unreadable ({exc.strerror})") from exc
         envelope, content = _parse(data, queue_id)
         return StoredMessage(id=queue_id, envelope=envelope, content=content)
 
@@ -567,8 +573,7 @@ class DirectoryStore:
         for queue_id in self.list():
             path = os.path.join(self.queue_dir, queue_id)
             try:
-                with open(path, "rb") as f:
-                    _parse(f.read(), queue_id)
+                self.get(queue_id)
             except SpoolError as exc:
                 log.warning("spool: %s is damaged (%s), moved to corrupt/", queue_id, exc)
                 os.rename(path, os.path.join(self.corrupt_dir, queue_id))
