@@ -79,7 +79,11 @@ class _Server:
         if ctx is not None:
             tls_options = {"ssl_handshake_timeout": 30.0, "ssl_shutdown_timeout": _CLOSE_WAIT}
         servers = [
-            await loop.create_server(lambda: _Connection(self), sock=sock, ssl=ctx, **tls_options)
+            # asyncio re-listens with a backlog of 100; trio and threads use the kernel's
+            # larger default, so a connection flood would be refused sooner here.
+            await loop.create_server(
+                lambda: _Connection(self), sock=sock, ssl=ctx, backlog=1024, **tls_options
+            )
             for sock in sockets
         ]
         log.info("listening on %s", [s.getsockname() for s in sockets])

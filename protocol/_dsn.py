@@ -255,21 +255,39 @@ def dsn_recipient(state: RecipientState, *, will_retry_until: float | None = Non
 
 def _fold(name: str, value: str) -> str:
     """``Name: value`` folded before spaces so lines stay under 78 characters where possible
-    (RFC 5322 2.2.3); unfolding (removing each CRLF) restores ``value`` exactly."""
+    (RFC 5322 2.2.3); unfolding (removing each CRLF) restores ``value`` exactly.
+
+    A fold goes only before a space that follows visible text and has visible text after it,
+    so no line is ever all white space (a parser reads such a line as the end of the group;
+    the remote server's reply text, which lands in Diagnostic-Code, could otherwise force it).
+    """
     line = f"{name}: {value}"
     if len(line) <= 78:
         return line
     out: list[str] = []
     while len(line) > 78:
-        cut = line.rfind(" ", 0, 78)
-        if cut <= len(name) + 1:
-            cut = line.find(" ", 78)
-            if cut < 0:
-                break
+        cut = _fold_point(line, len(name) + 2)
+        if cut < 0:
+            break
         out.append(line[:cut])
         line = line[cut:]
     out.append(line)
     return "\r\n".join(out)
+
+
+def _fold_point(line: str, start: int) -> int:
+    def good(i: int) -> bool:
+        return not line[i - 1].isspace() and bool(line[i:].strip(" \t"))
+
+    cut = line.rfind(" ", start, 78)
+    while cut > start and not good(cut):
+        cut = line.rfind(" ", start, cut)
+    if cut > start:
+        return cut
+    cut = line.find(" ", 78)
+    while cut >= 0 and not good(cut):
+        cut = line.find(" ", cut + 1)
+    return cut
 
 
 def _typed_out(value: str) -> str:
@@ -578,7 +596,7 @@ def _date_in(value: str | None) -> float | None:
 def _groups(text: str) -> list[str]:
     groups: list[list[str]] = [[]]
     for line in text.replace("\r\n", "\n").split("\n"):
-        if line.strip():
+        if line.strip(" \t"):  # only SP/HTAB make a blank line (an NBSP is text)
             groups[-1].append(line)
         elif groups[-1]:
             groups.append([])

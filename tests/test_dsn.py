@@ -568,3 +568,19 @@ def test_utf8_addresses_use_the_global_types_of_rfc6533() -> None:
     assert r.original_recipient == "utf-8;björn@example.net"
     ascii_content = bounce(state(), ret="FULL")
     assert b"message/global" not in ascii_content
+
+
+@pytest.mark.parametrize("gap", [" " * 200, "\u00a0" * 120, " \u00a0 " * 60])
+def test_runs_of_spaces_in_a_remote_reply_still_round_trip(gap: str) -> None:
+    # found by fuzz_dsn: folding inside a run of spaces made a line of white space only,
+    # which the parser read as the end of the recipient group
+    recipient = DSNRecipient(
+        final_recipient="rfc822;a@b.example",
+        action=DSNAction.FAILED,
+        status="5.0.0",
+        diagnostic_code=f"smtp;550 x{gap}y",
+    )
+    report = DSNReport(reporting_mta="dns;mx.example", recipients=(recipient,))
+    rendered = render_delivery_status(report)
+    assert all(line.strip(b" \t") for line in rendered.split(b"\r\n")[1:] if line), rendered
+    assert parse_delivery_status(rendered) == report
