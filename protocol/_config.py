@@ -55,6 +55,8 @@ class ServerConfig:
         auth_mechanisms: SASL mechanisms to offer: any of "PLAIN", "LOGIN".
         auth_requires_tls: offer AUTH only over TLS (RFC 4954 4 strongly suggests it).
         auth_required: refuse MAIL until the client has authenticated (submission, RFC 6409).
+        max_auth_failures: failed AUTH attempts (non-235 answers to credentials) tolerated per
+            session before 421 4.7.0 and close: password guessing costs a new connection.
         command_timeout: seconds to wait for a command line.
         data_timeout: seconds to wait for each block of message data.
         help_text: the text of the 214 reply to HELP.
@@ -80,6 +82,7 @@ class ServerConfig:
     auth_mechanisms: tuple[str, ...] = ()
     auth_requires_tls: bool = True
     auth_required: bool = False
+    max_auth_failures: int = 3
     command_timeout: float = COMMAND_TIMEOUT
     data_timeout: float = DATA_BLOCK_TIMEOUT
     help_text: str = "2.0.0 See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)"
@@ -93,6 +96,8 @@ class ServerConfig:
             raise LocalProtocolError(
                 f"max_recipients must be at least {MIN_RECIPIENTS} (RFC 5321 4.5.3.1.8)"
             )
+        if self.max_auth_failures < 1:
+            raise LocalProtocolError("max_auth_failures must be >= 1")
         if self.max_bad_commands < 1:
             raise LocalProtocolError("max_bad_commands must be >= 1")
         if self.max_line_length is not None and self.max_line_length < MAX_TEXT_LINE:

@@ -148,6 +148,7 @@ class ServerConnection:
         self._sender: MailFrom | None = None
         self._recipients: list[RcptTo] = []
         self._bad_commands = 0
+        self._auth_failures = 0
         self._discarding = False  # inside an over-long command line
         self._body: BodyReader | None = None
         self._bdat: Bdat | None = None  # the BDAT command whose octets are being read
@@ -449,9 +450,16 @@ class ServerConnection:
                     self._recipients.append(owed)
                     self._state = S.RCPT
             case AuthCredentials():
+                self._state = S.READY
                 if code == 235:
                     self._authenticated = owed.username
-                self._state = S.READY
+                else:
+                    self._auth_failures += 1
+                    if self._auth_failures >= self.config.max_auth_failures:
+                        self._owed = None
+                        self._queue(421, "4.7.0", "Too many authentication failures")
+                        self._state = S.CLOSED
+                        return
             case EndOfMessage():
                 self._owed_count -= 1
                 if self._owed_count > 0:

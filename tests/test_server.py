@@ -1005,3 +1005,10 @@ def test_close_queues_an_unsolicited_421_and_ends_the_session() -> None:
     assert s.conn.data_to_send() == b""
     with pytest.raises(LocalProtocolError):
         Session().conn.close(Reply(code=250, text="not a closing reply"))
+
+
+def test_auth_failures_beyond_the_limit_close_the_session() -> None:
+    s = _auth_session(max_auth_failures=2)
+    assert s.codes(b"AUTH PLAIN " + _b64("\0alice\0guess1") + b"\r\n") == [535]
+    assert s.codes(b"AUTH PLAIN " + _b64("\0alice\0guess2") + b"\r\n") == [535, 421]
+    assert s.conn.state is SessionState.CLOSED

@@ -521,14 +521,7 @@ AUTH_CONFIG: dict[str, Any] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a 535 is the application's answer, so failed AUTH attempts are not counted by "
-    "max_bad_commands: a guesser gets unlimited tries per connection.  Needed: the engine "
-    "counts 535 (and 501 to a bad AUTH exchange) towards max_bad_commands, or a separate "
-    "max_auth_failures, then 421 4.7.0 and close",
-)
+# max_auth_failures (default 3): password guessing costs a new connection each few tries
 def test_auth_brute_force_is_cut_off_per_connection(hostile: Start) -> None:
     recorder = Recorder()
     config = ServerConfig(**AUTH_CONFIG, max_bad_commands=10)
