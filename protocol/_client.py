@@ -391,6 +391,7 @@ class ClientConnection:
         self._out: list[bytes] = []
         self._events: deque[ClientEvent] = deque()
         self._eof = False
+        self._closed_reported = False
         self._injected = False
         self._tls_active = tls_active
         self._extensions: dict[str, str] = {}
@@ -551,8 +552,9 @@ class ClientConnection:
 
     def next_event(self) -> ClientEvent | Sentinel:
         """The next event: a Reply (``.command`` = the command it answers, None for the
-        greeting and an unsolicited 421), TLSEstablished, ConnectionClosed; or NEED_DATA
-        (replies are awaited: feed bytes) or PAUSED (the application's turn).
+        greeting and an unsolicited 421), TLSEstablished, ConnectionClosed (reported once);
+        or NEED_DATA (replies are awaited: feed bytes) or PAUSED (the application's turn, or
+        nothing more to come after ConnectionClosed).
 
         Raises:
             RemoteProtocolError: a malformed or over-long reply line, a multi-line reply whose
@@ -565,7 +567,7 @@ class ClientConnection:
         if state is S.ERROR:
             raise RemoteProtocolError("the session is in the ERROR state")
         if state is S.CLOSED:
-            return ConnectionClosed()
+            return self._closed()
         if state is S.STARTTLS:
             if self._injected:
                 return self._fail("data received after 220 to STARTTLS, before TLS")
@@ -579,12 +581,19 @@ class ClientConnection:
             return self._handle(reply)
         if self._eof:
             self._close()
-            return ConnectionClosed()
+            return self._closed()
         if self._state is S.STARTTLS:
             return PAUSED
         if self._pending or self._state is S.GREETING:
             return NEED_DATA
         return PAUSED
+
+    def _closed(self) -> ConnectionClosed | Sentinel:
+        # As on the server: ConnectionClosed once, then PAUSED (nothing more will happen).
+        if self._closed_reported:
+            return PAUSED
+        self._closed_reported = True
+        return ConnectionClosed()
 
     def _fail(self, message: str) -> NoReturn:
         self._state = S.ERROR

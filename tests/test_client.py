@@ -1105,3 +1105,12 @@ def test_auth_line_over_512_and_sasl_responses_over_12288_are_refused() -> None:
     with pytest.raises(LocalProtocolError, match="12288"):
         conn.send(AuthResponse(data="A" * 12287))
     conn.send(AuthResponse(data="A" * 12286))
+
+
+def test_connection_closed_is_reported_once_then_paused() -> None:
+    # the same contract as the server engine: loops "until NEED_DATA or PAUSED" end
+    conn = ClientConnection(ClientConfig(), now=0.0)
+    conn.receive_eof()
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.next_event() is PAUSED
+    assert conn.next_event() is PAUSED
