@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -620,82 +621,104 @@ class ServerConnection:
         self._reject(line, 503, "5.5.1", text, bad=False)
 
     def _dispatch(self, line: bytes, command: Command) -> None:
-        c = self.config
-        if isinstance(command, Bdat):
-            self._start_bdat(line, command)
-            return
-        if isinstance(command, (Helo, Ehlo)) and c.lmtp:
+        # One method per command, found by type: no chain of isinstance() on the hot path.
+        _ON_COMMAND[type(command)](self, line, command)
+
+    def _in_sequence(self, line: bytes, command: Command) -> bool:
+        if is_legal(self._state, type(command)):
+            return True
+        self._sequence_error(line, command)
+        return False
+
+    def _on_hello(self, line: bytes, command: Helo | Ehlo | Lhlo) -> None:
+        if self.config.lmtp and not isinstance(command, Lhlo):
             self._reject(line, 500, "5.5.1", "This is LMTP: use LHLO")
-            return
-        if isinstance(command, Lhlo) and not c.lmtp:
+        elif not self.config.lmtp and isinstance(command, Lhlo):
             self._reject(line, 500, "5.5.2", "Syntax error: command unrecognized")
+        elif self._in_sequence(line, command):
+            self._decide(command)
+
+    def _on_vrfy(self, line: bytes, command: Vrfy) -> None:
+        if self._in_sequence(line, command):
+            self._decide(command)
+
+    def _on_mail(self, line: bytes, command: MailFrom) -> None:
+        c = self.config
+        if not self._in_sequence(line, command):
             return
-        if isinstance(command, StartTLS) and (not c.starttls or self._tls_active):
-            if self._tls_active:
-                self._reject(line, 503, "5.5.1", "TLS already active")
-            else:
-                self._reject(line, 502, "5.5.1", "STARTTLS not available")
+        if c.tls_required and not self._tls_active:
+            self._reject(line, 530, "5.7.0", "Must issue a STARTTLS command first")
+        elif c.auth_required and self._authenticated is None:
+            self._reject(line, 530, "5.7.0", "Authentication required")
+        elif not self._esmtp and _has_params(command):
+            self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
+        else:
+            self._decide(command)
+
+    def _on_rcpt(self, line: bytes, command: RcptTo) -> None:
+        if not self._in_sequence(line, command):
             return
-        if isinstance(command, Auth) and not c.auth_mechanisms:
+        if len(self._recipients) >= self.config.max_recipients:
+            # RFC 5321 4.5.3.1.10; a 452 is not a syntax error: not counted as bad
+            self._reject(line, 452, "4.5.3", "Too many recipients", bad=False)
+        elif not self._esmtp and _has_params(command):
+            self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
+        else:
+            self._decide(command)
+
+    def _on_data(self, line: bytes, command: Data) -> None:
+        if not self._in_sequence(line, command):
+            return
+        if self._sender is not None and self._sender.body == "BINARYMIME":
+            self._reject(line, 503, "5.5.1", "BODY=BINARYMIME requires BDAT")
+            return
+        self._queue(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
+        self._state = S.DATA
+        self._body = BodyReader(self.config)
+        self._timer_start = self._now
+        self._events.append(command)
+
+    def _on_rset(self, line: bytes, command: Rset) -> None:
+        if self._in_sequence(line, command):
+            self._reset_transaction()
+            self._state = S.READY if self._state in GREETED_STATES else S.HELLO
+            self._auto(command, 250, "2.0.0", "OK")
+
+    def _on_noop(self, line: bytes, command: Noop) -> None:
+        if self._in_sequence(line, command):
+            self._auto(command, 250, "2.0.0", "OK")
+
+    def _on_help(self, line: bytes, command: Help) -> None:
+        if self._in_sequence(line, command):
+            reply = Reply(code=214, text=self.config.help_text)
+            self._out.append(format_reply(214, reply.lines))
+            self._events.append(command)
+
+    def _on_expn(self, line: bytes, command: Expn) -> None:
+        if self._in_sequence(line, command):
+            self._auto(command, 502, "5.5.1", "EXPN not supported")
+
+    def _on_quit(self, line: bytes, command: Quit) -> None:
+        if self._in_sequence(line, command):
+            self._auto(command, 221, "2.0.0", f"{self.config.hostname} closing connection")
+            self._state = S.CLOSED
+
+    def _on_starttls(self, line: bytes, command: StartTLS) -> None:
+        if self._tls_active:
+            self._reject(line, 503, "5.5.1", "TLS already active")
+        elif not self.config.starttls:
+            self._reject(line, 502, "5.5.1", "STARTTLS not available")
+        elif self._in_sequence(line, command):
+            self._auto(command, 220, "2.0.0", "Ready to start TLS")
+            self._state = S.STARTTLS
+            # CVE-2011-0411: nothing received before the handshake may be executed
+            self._pos = self._scan = len(self._buf)
+
+    def _on_auth(self, line: bytes, command: Auth) -> None:
+        if not self.config.auth_mechanisms:
             self._reject(line, 502, "5.5.1", "AUTH not available")
-            return
-        if not is_legal(self._state, type(command)):
-            self._sequence_error(line, command)
-            return
-        match command:
-            case Helo() | Ehlo() | Lhlo() | Vrfy():
-                self._decide(command)
-            case MailFrom():
-                if c.tls_required and not self._tls_active:
-                    self._reject(line, 530, "5.7.0", "Must issue a STARTTLS command first")
-                elif c.auth_required and self._authenticated is None:
-                    self._reject(line, 530, "5.7.0", "Authentication required")
-                elif not self._esmtp and _has_params(command):
-                    self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
-                else:
-                    self._decide(command)
-            case RcptTo():
-                if len(self._recipients) >= c.max_recipients:
-                    # RFC 5321 4.5.3.1.10; a 452 is not a syntax error: not counted as bad
-                    self._reject(line, 452, "4.5.3", "Too many recipients", bad=False)
-                elif not self._esmtp and _has_params(command):
-                    self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
-                else:
-                    self._decide(command)
-            case Data():
-                if self._sender is not None and self._sender.body == "BINARYMIME":
-                    self._reject(line, 503, "5.5.1", "BODY=BINARYMIME requires BDAT")
-                    return
-                self._queue(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
-                self._state = S.DATA
-                self._body = BodyReader(c)
-                self._timer_start = self._now
-                self._events.append(command)
-            case Rset():
-                self._reset_transaction()
-                self._state = S.READY if self._state in GREETED_STATES else S.HELLO
-                self._auto(command, 250, "2.0.0", "OK")
-            case Noop():
-                self._auto(command, 250, "2.0.0", "OK")
-            case Help():
-                lines = c.help_text.split("\n")
-                reply = Reply(code=214, text="\n".join(lines))
-                self._out.append(format_reply(214, reply.lines))
-                self._events.append(command)
-            case Expn():
-                self._auto(command, 502, "5.5.1", "EXPN not supported")
-            case Quit():
-                self._auto(command, 221, "2.0.0", f"{c.hostname} closing connection")
-                self._state = S.CLOSED
-            case StartTLS():
-                self._auto(command, 220, "2.0.0", "Ready to start TLS")
-                self._state = S.STARTTLS
-                # CVE-2011-0411: nothing received before the handshake may be executed
-                self._pos = self._scan = len(self._buf)
-            case Auth():
-                self._start_auth(line, command)
-            case _:  # AuthResponse outside AUTH (cannot be parsed from a line) and Bdat
-                self._sequence_error(line, command)
+        elif self._in_sequence(line, command):
+            self._start_auth(line, command)
 
     def _auto(self, command: ServerEvent, code: int, enhanced: str, text: str) -> None:
         self._queue(code, enhanced, text)
@@ -864,6 +887,26 @@ class ServerConnection:
     def _auto_quiet(self, code: int, enhanced: str, text: str) -> None:
         self._queue(code, enhanced, text)
         self._timer_start = self._now
+
+
+# Every command the reader can produce (see _readers.VERBS) has its method here.
+_ON_COMMAND: dict[type[Command], Callable[..., object]] = {
+    Helo: ServerConnection._on_hello,
+    Ehlo: ServerConnection._on_hello,
+    Lhlo: ServerConnection._on_hello,
+    Vrfy: ServerConnection._on_vrfy,
+    MailFrom: ServerConnection._on_mail,
+    RcptTo: ServerConnection._on_rcpt,
+    Data: ServerConnection._on_data,
+    Bdat: ServerConnection._start_bdat,
+    Rset: ServerConnection._on_rset,
+    Noop: ServerConnection._on_noop,
+    Help: ServerConnection._on_help,
+    Expn: ServerConnection._on_expn,
+    Quit: ServerConnection._on_quit,
+    StartTLS: ServerConnection._on_starttls,
+    Auth: ServerConnection._on_auth,
+}
 
 
 def _has_params(command: MailFrom | RcptTo) -> bool:
