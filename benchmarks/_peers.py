@@ -167,9 +167,6 @@ class Peers:
     ) -> int:
         """Start server ``name`` (one of NAMES) and return its port.
 
-        ``mailwire-asyncio-uvloop`` runs under ``python -O``: the asyncio adapter asserts
-        ``isinstance(transport, asyncio.Transport)``, which uvloop's transports are not.
-
         Raises:
             RuntimeError: it did not come up.
         """
@@ -188,8 +185,7 @@ class Peers:
                 tmp = tempfile.TemporaryDirectory(prefix="mailwire-bench-spool-")
                 self.tmpdirs.append(tmp)
                 spool_dir = tmp.name
-            flags = ["-O"] if name.endswith("uvloop") else []
-            cmd = [sys.executable, *flags, os.path.abspath(__file__), "serve", name]
+            cmd = [sys.executable, os.path.abspath(__file__), "serve", name]
             if spool_dir is not None:
                 cmd.append(spool_dir)
             proc = subprocess.Popen(
