@@ -178,7 +178,6 @@ class _Server:
                 outcome = "CLOSE"
             out = driver.data_to_send()
             if out:
-                sock.settimeout(self.config.command_timeout)
                 sock.sendall(out)  # blocks until the kernel took it: back-pressure
             if outcome == "CLOSE":
                 return sock
@@ -203,14 +202,18 @@ class _Server:
     def _read(self, live: Live, sock: socket.socket) -> bytes | None:
         """Up to READ_SIZE bytes, or None when shutdown kicked this session.
 
+        A plain socket keeps one timeout for the whole session (settimeout is an fcntl call,
+        and every syscall is a GIL hand-off that 20 busy threads fight over); the engine's
+        deadline is enforced by the poll() below, after which recv() does not block.
+
         Raises:
             TimeoutError: the engine's deadline passed.
         """
         while not live.kicked:
-            deadline = live.driver.deadline
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 break  # decrypted bytes are buffered: poll() would not see them
+            deadline = live.driver.deadline
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             poller.register(self._phase_pipes[min(self._phase, 1)][0], select.POLLIN)
@@ -221,7 +224,8 @@ class _Server:
                 break
         else:
             return None
-        sock.settimeout(self.config.command_timeout if remaining is None else remaining + 0.001)
+        if isinstance(sock, ssl.SSLSocket):  # a partial TLS record can still block recv()
+            sock.settimeout(self.config.command_timeout if remaining is None else remaining + 0.001)
         return sock.recv(READ_SIZE)
 
 
