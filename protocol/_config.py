@@ -59,6 +59,8 @@ class ServerConfig:
             session before 421 4.7.0 and close: password guessing costs a new connection.
         command_timeout: seconds to wait for a command line.
         data_timeout: seconds to wait for each block of message data.
+        min_data_progress: octets that make a "block": the data deadline restarts only after
+            this much arrived, so a client trickling a few octets per data_timeout is cut off.
         help_text: the text of the 214 reply to HELP.
     """
 
@@ -85,6 +87,7 @@ class ServerConfig:
     max_auth_failures: int = 3
     command_timeout: float = COMMAND_TIMEOUT
     data_timeout: float = DATA_BLOCK_TIMEOUT
+    min_data_progress: int = 1024
     help_text: str = "2.0.0 See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)"
 
     def __post_init__(self) -> None:
@@ -113,6 +116,8 @@ class ServerConfig:
             raise LocalProtocolError("BINARYMIME requires CHUNKING (RFC 3030 3)")
         if self.auth_required and not self.auth_mechanisms:
             raise LocalProtocolError("auth_required needs at least one auth mechanism")
+        if self.min_data_progress < 1:
+            raise LocalProtocolError("min_data_progress must be >= 1")
         if self.command_timeout <= 0 or self.data_timeout <= 0:
             raise LocalProtocolError("timeouts must be positive")
 

@@ -150,6 +150,7 @@ class ServerConnection:
         self._recipients: list[RcptTo] = []
         self._bad_commands = 0
         self._auth_failures = 0
+        self._progress = 0  # body octets since the data deadline last restarted
         self._discarding = False  # inside an over-long command line
         self._body: BodyReader | None = None
         self._bdat: Bdat | None = None  # the BDAT command whose octets are being read
@@ -676,6 +677,7 @@ class ServerConnection:
         self._state = S.DATA
         self._body = BodyReader(self.config)
         self._timer_start = self._now
+        self._progress = 0
         self._events.append(command)
 
     def _on_rset(self, line: bytes, command: Rset) -> None:
@@ -798,18 +800,31 @@ class ServerConnection:
     def _read_body(self) -> None:
         body = self._body
         assert body is not None
+        start = self._pos
         data, self._pos, finished = body.read(self._buf, self._pos)
         if data is None:
             self._scan = self._pos
             return
         self._scan = self._pos
-        self._timer_start = self._now  # a data block arrived (RFC 5321 4.5.3.2.5)
+        self._data_progress(self._pos - start)
         too_big = bool(self.config.max_message_size) and body.size > self.config.max_message_size
         if data and not too_big and body.violation is None:
             self._events.append(MessageData(data=data))
         if finished:
             violation = (552, "5.3.4", "Message size exceeds fixed maximum") if too_big else None
             self._end_message(violation or body.violation)
+
+    def _data_progress(self, octets: int) -> None:
+        """Restart the data-block deadline (RFC 5321 4.5.3.2.5) once enough arrived.
+
+        Counting blocks alone would let a client trickle three octets per data_timeout and
+        hold its connection for as long as the size limit allows; the deadline restarts only
+        after ``min_data_progress`` octets, so a trickle runs out of time.
+        """
+        self._progress += octets
+        if self._progress >= self.config.min_data_progress:
+            self._progress = 0
+            self._timer_start = self._now
 
     def _end_message(self, violation: tuple[int, str, str] | None) -> None:
         if violation is not None:
@@ -841,6 +856,7 @@ class ServerConnection:
             self._events.append(command)
             self._state = S.CHUNKING
         self._timer_start = self._now
+        self._progress = 0
         self._bdat_line = line
         if command.size == 0:
             self._finish_bdat()
@@ -860,7 +876,7 @@ class ServerConnection:
                 self._events.append(MessageData(data=bytes(self._buf[self._pos : end])))
         self._pos = self._scan = end
         self._bdat_remaining -= take
-        self._timer_start = self._now
+        self._data_progress(take)
         if self._bdat_remaining == 0:
             self._finish_bdat()
 

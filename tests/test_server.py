@@ -923,7 +923,27 @@ def test_data_phase_uses_the_data_block_timeout() -> None:
     assert conn.deadline == 184.0
     conn.receive_data(b"a line\r\n", now=100.0)
     assert isinstance(conn.next_event(), MessageData)
-    assert conn.deadline == 280.0
+    assert conn.deadline == 184.0  # 8 octets are not a data block (min_data_progress)
+    conn.receive_data((b"x" * 98 + b"\r\n") * 11, now=150.0)
+    assert isinstance(conn.next_event(), MessageData)
+    assert conn.deadline == 330.0
+
+
+def test_a_data_trickle_does_not_extend_the_deadline() -> None:
+    conn = ServerConnection(ServerConfig(data_timeout=10), now=0.0)
+    conn.send(Reply(code=220, text="hi"), now=0.0)
+    for line, t in ((b"EHLO c\r\n", 0.0), (b"MAIL FROM:<a@b.example>\r\n", 0.0),
+                    (b"RCPT TO:<c@d.example>\r\n", 0.0)):  # fmt: skip
+        conn.receive_data(line, now=t)
+        conn.next_event()
+        conn.send(Reply(code=250, text="ok"), now=t)
+    conn.receive_data(b"DATA\r\n", now=0.0)
+    conn.next_event()
+    for t in range(1, 10):  # 3 octets a second with line ends: never a 1 KiB block
+        conn.receive_data(b"a\r\n", now=float(t))
+        conn.next_event()
+    assert conn.check_timeout(10.0)
+    assert conn.data_to_send().endswith(b"421 4.4.2 localhost Error: timeout exceeded\r\n")
 
 
 def test_no_deadline_without_a_clock() -> None:

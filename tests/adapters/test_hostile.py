@@ -263,15 +263,7 @@ def _small_buffers(listen: Any) -> list[socket.socket]:
 
 
 @pytest.mark.parametrize("hostile", ["threads"], indirect=True)  # engine logic: one runtime
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="in DATA every segment of >= 3 octets restarts the data-block deadline (RFC 5321 "
-    "4.5.3.2.5), so 3 octets per data_timeout hold a connection slot for as long as the size "
-    "limit allows (10 MiB at 3 octets / 180 s: forever).  Needed in _server.py: restart the "
-    "DATA deadline only on a complete line (Postfix's smtpd_per_record_deadline), or a "
-    "minimum rate / whole-message deadline (ServerConfig.max_data_time)",
-)
+# ServerConfig.min_data_progress: the data deadline restarts only after 1 KiB arrived
 def test_slowloris_data_trickle_is_cut_off(hostile: Start) -> None:
     config = ServerConfig(hostname="mx.test", command_timeout=5.0, data_timeout=1.0)
     client = greeted(hostile(config=config))
