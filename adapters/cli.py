@@ -45,7 +45,9 @@ from typing import Any
 from mailwire.adapters._driver import BaseController, Session
 from mailwire.adapters._spool import SpoolHandler
 from mailwire.protocol._config import ServerConfig
-from mailwire.protocol._events import RcptTo, Reply
+from mailwire.protocol._events import RcptTo
+from mailwire.protocol._policy import RelayPolicy as RelayRules
+from mailwire.protocol._policy import check_relay
 
 log = logging.getLogger("mailwire.adapters.cli")
 RUNTIMES = ("asyncio", "trio", "threads")
@@ -113,31 +115,28 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class RelayPolicy:
-    """Mixin in front of the spool handler: a recipient is accepted when its domain is local,
-    the client is in a relay network, or the client authenticated; otherwise 554 5.7.1
-    (RFC 5321 3.6.2: a server that is not an open relay refuses the rest)."""
+    """Mixin in front of the spool handler: the core's relay decision (``check_relay``) for
+    every recipient; refused ones get its 554 5.7.1 (RFC 5321 3.6.2: no open relay)."""
 
-    local_domains: frozenset[str] = frozenset()
-    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    relay: RelayRules = RelayRules()
 
     def on_rcpt_to(self, session: Session, event: RcptTo) -> Any:
-        if not self._may_receive(session, event):
-            return Reply(code=554, text="5.7.1 Relay access denied")
+        decision = check_relay(
+            self.relay,
+            recipient=event.address,
+            client_address=session.peer[0].split("%", 1)[0],
+            authenticated_user=session.authenticated_as,
+        )
+        if not decision.allowed:
+            return decision.reply
         return super().on_rcpt_to(session, event)  # type: ignore[misc]
 
-    def _may_receive(self, session: Session, event: RcptTo) -> bool:
-        if event.is_postmaster or session.authenticated_as is not None:
-            return True
-        domain = event.address.rpartition("@")[2].lower().rstrip(".")
-        if domain in self.local_domains:
-            return True
-        try:
-            peer = ipaddress.ip_address(session.peer[0].split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-            peer = peer.ipv4_mapped
-        return any(peer in net for net in self.relay_networks)
+
+def local_domains(settings: Settings, hostname: str) -> frozenset[str]:
+    """The configured local domains plus this server's own name and ``localhost``: mail to
+    postmaster@ the server itself must be delivered here (RFC 5321 4.5.1)."""
+    names = {*settings.local_domains, hostname, "localhost"}
+    return frozenset(d.lower().rstrip(".") for d in names)
 
 
 def build(settings: Settings) -> tuple[BaseController, Settings]:
@@ -167,11 +166,11 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
     )
     policy = type("SpoolServer", (RelayPolicy, SpoolHandler), {})
     handler: SpoolHandler = policy(settings.spool)
-    handler.local_domains = frozenset(  # type: ignore[attr-defined]
-        d.lower().rstrip(".") for d in settings.local_domains
-    )
-    handler.relay_networks = tuple(  # type: ignore[attr-defined]
-        ipaddress.ip_network(n, strict=False) for n in settings.relay_networks
+    handler.relay = RelayRules(  # type: ignore[attr-defined]
+        local_domains=local_domains(settings, config.hostname),
+        trusted_networks=tuple(
+            ipaddress.ip_network(n, strict=False) for n in settings.relay_networks
+        ),
     )
     module = importlib.import_module(f"mailwire.adapters.{settings.runtime}")
     controller: BaseController = module.Controller(
@@ -217,6 +216,15 @@ def _parser() -> argparse.ArgumentParser:
     add("--relay-network", dest="relay_networks", action="append", metavar="CIDR")
     add("--local-domain", dest="local_domains", action="append", metavar="DOMAIN")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # mta imports this module (it builds its server with build()), hence the late import
+    from mailwire.adapters.mta import VERBS, add_delivery_options
+
+    add_delivery_options(serve)
+    queue = commands.add_parser("queue", help="manage the queue of a running server")
+    queue.add_argument("verb", choices=VERBS)
+    queue.add_argument("id", nargs="?")
+    queue.add_argument("--spool", default="./spool", metavar="DIR")
+    queue.add_argument("--json", action="store_true")
     return parser
 
 
@@ -226,22 +234,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 after a graceful stop, 2 for bad settings, 1 if the server failed.
     """
+    from mailwire.adapters.mta import delivery_settings, queue_main, run_mta
+
     parser = _parser()
     args = vars(parser.parse_args(argv))
+    if args["command"] == "queue":
+        return queue_main(args["spool"], args["verb"], args["id"], as_json=args["json"])
     logging.basicConfig(
         level=args.pop("log_level"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     settings = Settings()
     try:
         path = args.pop("config")
+        table: dict[str, Any] = {}
         if path is not None:
             with open(path, "rb") as f:
-                settings.update(tomllib.load(f), path)
+                table = tomllib.load(f)
+        deliver, delivery = delivery_settings(table.pop("delivery", None), args)
+        if path is not None:
+            settings.update(table, path)
         del args["command"]
         settings.update({k: v for k, v in args.items() if v is not None}, "options")
         controller, settings = build(settings)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as exc:
         parser.error(str(exc))
+    if deliver:
+        _close_store(controller)  # run_mta builds its own server on the same spool
+        return run_mta(settings, delivery)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

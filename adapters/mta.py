@@ -55,7 +55,7 @@ from mailwire.adapters._spool import (
     SpoolHandler,
     StoredMessage,
 )
-from mailwire.adapters.cli import Settings, build, parse_listen
+from mailwire.adapters.cli import Settings, build, local_domains, parse_listen
 from mailwire.protocol._queue import MessageState, RetryPolicy
 from mailwire.protocol._routing import NextHop, RoutingConfig
 
@@ -225,7 +225,7 @@ class MTA:
         transport = {"*": NextHop.parse(d.relayhost)} if d.relayhost else {}
         routing = RoutingConfig(
             hostname=hostname,
-            local_domains=frozenset(self.settings.local_domains),
+            local_domains=local_domains(self.settings, hostname),
             transport=transport,
             smtp_port=d.delivery_port,
         )

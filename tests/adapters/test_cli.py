@@ -22,6 +22,7 @@ from conftest import CLIENT_TIMEOUT, RUNTIMES
 from mailwire.adapters import cli
 from mailwire.adapters._driver import Handler, Session
 from mailwire.protocol import RcptTo, Reply
+from mailwire.protocol._policy import RelayPolicy as RelayRules
 
 HAVE_SPOOL = importlib.util.find_spec("mailwire.adapters._spool") is not None
 
@@ -86,8 +87,10 @@ class _Accept(Handler):
 def _policy(peer: str, authenticated: str | None = None) -> tuple[Any, Session]:
     cls = type("Policy", (cli.RelayPolicy, _Accept), {})
     handler = cls()
-    handler.local_domains = frozenset({"example.org"})
-    handler.relay_networks = (ipaddress.ip_network("10.0.0.0/8"),)
+    handler.relay = RelayRules(
+        local_domains=frozenset({"example.org"}),
+        trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+    )
     session = Session(id="t", peer=(peer, 1), local=("127.0.0.1", 25))
     session.authenticated_as = authenticated
     return handler, session
@@ -193,3 +196,13 @@ def test_options_override_the_config_file(tmp_path: Path) -> None:
         "option.example",
         200,
     )
+
+
+def test_the_server_itself_and_localhost_are_always_local() -> None:
+    # mail to postmaster@ the server must be delivered here (RFC 5321 4.5.1), not looked up
+    settings = cli.Settings(local_domains=["Example.ORG."])
+    assert cli.local_domains(settings, "mx.example.net") == {
+        "example.org",
+        "mx.example.net",
+        "localhost",
+    }
