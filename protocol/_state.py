@@ -131,11 +131,6 @@ def expected_success(state: SessionState, command: Command) -> SessionState:
     return next_state(state, command, SUCCESS_CLASS.get(type(command), 2) * 100 + 50)
 
 
-def end_of_data_state() -> SessionState:
-    """After the final reply to the end of a DATA body (any class): back to READY."""
-    return S.READY
-
-
 def mermaid() -> str:
     """The transition table as a Mermaid state diagram (the README embeds this output;
     tests/test_state.py checks that it is current)."""
