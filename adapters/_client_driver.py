@@ -261,14 +261,15 @@ def check_tls_mode(tls: str) -> TLSMode:
     return tls  # type: ignore[return-value]
 
 
-class SendJob:
-    """One submission: session setup, one mail transaction, QUIT; no I/O.
+class ClientSession:
+    """One client session without I/O: SessionSetup, the one transaction a subclass makes in
+    ``_start_transaction``, then QUIT.  Shared by ``send_message`` (SendJob) and the MTA's
+    delivery (adapters/_delivery.DeliverySession); the runtimes only move bytes.
 
     Args:
-        prepared: the message (see prepare()).
-        tls: the TLS mode (implicit TLS is done by the adapter before the greeting).
-        auth: (username, password), a SaslMechanism, or None.
-        config: the client engine configuration.
+        conn: a fresh client engine.
+        starttls: as SessionSetup's (True: required, None: when offered, False: never).
+        sasl: the SASL mechanism for SessionSetup, or None.
         timeout: longest wait for any single reply, seconds (on top of the engine's RFC 5321
             deadlines, which are minutes long).
         now: the current time (monotonic clock).
@@ -276,27 +277,17 @@ class SendJob:
 
     def __init__(
         self,
-        prepared: Prepared,
+        conn: ClientConnection,
         *,
-        tls: TLSMode,
-        auth: Credentials,
-        config: ClientConfig,
+        starttls: bool | None,
+        sasl: SaslMechanism | None,
         timeout: float,
         now: float,
     ) -> None:
-        if auth is not None and not isinstance(auth, SaslMechanism):
-            username, password = auth
-        self.prepared = prepared
-        self.timeout = timeout
-        self.conn = ClientConnection(config, tls_active=tls == "implicit", now=now)
-        sasl: SaslMechanism | None
-        if auth is None or isinstance(auth, SaslMechanism):
-            sasl = auth
-        else:
-            sasl = _AutoLogin(self.conn, username, password)
-        starttls = {"starttls": True, "opportunistic": None}.get(tls, False)
-        self.setup = SessionSetup(self.conn, starttls=starttls, sasl=sasl, now=now)
+        self.conn = conn
+        self.setup = SessionSetup(conn, starttls=starttls, sasl=sasl, now=now)
         self.transaction: MailTransaction | None = None
+        self.timeout = timeout
         self.error: str | None = None
         self.done = False
         self._quitting = False
@@ -312,10 +303,14 @@ class SendJob:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the server (pulls message content when it is time)."""
-        if self.transaction is not None and not self.transaction.done:
-            out = self.transaction.data_to_send()
-        else:
-            out = self.conn.data_to_send()
+        try:
+            if self.transaction is not None and not self.transaction.done:
+                out = self.transaction.data_to_send()
+            else:
+                out = self.conn.data_to_send()
+        except LocalProtocolError as exc:
+            self._fail(f"client engine stopped: {exc}")
+            return b""
         if out:
             self._last_progress = self._now
         return out
@@ -343,6 +338,9 @@ class SendJob:
         except RemoteProtocolError as exc:
             self._fail(f"protocol error from the server: {exc}")
             return
+        except LocalProtocolError as exc:  # the engine refused to go on: replies so far decide
+            self._fail(f"client engine stopped: {exc}")
+            return
         self._advance()
 
     def receive_eof(self) -> None:
@@ -363,7 +361,7 @@ class SendJob:
         self._advance()
 
     def check_timeout(self, now: float) -> bool:
-        """Give up if the server has been silent too long; True if the job ended."""
+        """Give up if the server has been silent too long; True if the session ended."""
         self._now = now
         if self.done:
             return True
@@ -376,15 +374,21 @@ class SendJob:
             self._fail("timeout waiting for the server")
         return True
 
-    def connection_failed(self, exc: BaseException) -> None:
-        """The connection broke (reset, TLS error)."""
-        if not self.done:
-            if self._quitting:
-                self.done = True
-            else:
-                self._fail(f"connection failed: {exc!r}")
+    def connection_failed(self, reason: object) -> None:
+        """The connection broke (reset, TLS error); ``reason`` is an exception or text."""
+        if self.done:
+            return
+        if self._quitting:
+            self.done = True
+        else:
+            text = reason if isinstance(reason, str) else repr(reason)
+            self._fail(f"connection failed: {text}")
 
     # --- the course of the session ---------------------------------------------------------------
+
+    def _start_transaction(self) -> MailTransaction | None:
+        """The transaction to run once the session is set up, or None to just QUIT."""
+        raise NotImplementedError
 
     def _fail(self, error: str) -> None:
         if self.error is None:
@@ -402,17 +406,14 @@ class SendJob:
                 self._quit()
                 return
             try:
-                self.transaction = MailTransaction(
-                    self.conn,
-                    sender=self._mail_from(),
-                    recipients=self.prepared.recipients,
-                    body=[self.prepared.content],
-                    now=self._now,
-                )
+                transaction = self._start_transaction()
             except LocalProtocolError as exc:
                 self.error = f"cannot send this message to this server: {exc}"
+                transaction = None
+            if transaction is None:
                 self._quit()
                 return
+            self.transaction = transaction
         if not self.transaction.done:
             return
         if not self._quitting:
@@ -425,6 +426,56 @@ class SendJob:
             if event is PAUSED or isinstance(event, (ConnectionClosed, Reply)):
                 self.done = True
                 return
+
+    def _quit(self) -> None:
+        self._quitting = True
+        try:
+            self.conn.send(Quit(), now=self._now)
+        except LocalProtocolError:
+            self.done = True  # the session is over already
+
+
+class SendJob(ClientSession):
+    """One submission: session setup, one mail transaction, QUIT; no I/O.
+
+    Args:
+        prepared: the message (see prepare()).
+        tls: the TLS mode (implicit TLS is done by the adapter before the greeting).
+        auth: (username, password), a SaslMechanism, or None.
+        config: the client engine configuration.
+        timeout: longest wait for any single reply, seconds.
+        now: the current time (monotonic clock).
+    """
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        *,
+        tls: TLSMode,
+        auth: Credentials,
+        config: ClientConfig,
+        timeout: float,
+        now: float,
+    ) -> None:
+        conn = ClientConnection(config, tls_active=tls == "implicit", now=now)
+        sasl: SaslMechanism | None
+        if auth is None or isinstance(auth, SaslMechanism):
+            sasl = auth
+        else:
+            username, password = auth
+            sasl = _AutoLogin(conn, username, password)
+        starttls = {"starttls": True, "opportunistic": None}.get(tls, False)
+        super().__init__(conn, starttls=starttls, sasl=sasl, timeout=timeout, now=now)
+        self.prepared = prepared
+
+    def _start_transaction(self) -> MailTransaction | None:
+        return MailTransaction(
+            self.conn,
+            sender=self._mail_from(),
+            recipients=self.prepared.recipients,
+            body=[self.prepared.content],
+            now=self._now,
+        )
 
     def _mail_from(self) -> MailFrom:
         mail, p, conn = self.prepared.sender, self.prepared, self.conn
@@ -439,13 +490,6 @@ class SendJob:
             return mail
         fields = {f: getattr(mail, f) for f in MailFrom.__dataclass_fields__}
         return MailFrom(**{**fields, **changes})
-
-    def _quit(self) -> None:
-        self._quitting = True
-        try:
-            self.conn.send(Quit(), now=self._now)
-        except LocalProtocolError:
-            self.done = True  # the session is over already
 
     # --- the result -------------------------------------------------------------------------------
 

@@ -50,16 +50,13 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from mailwire.adapters._client_driver import ClientSession
 from mailwire.protocol._client import ClientConnection
 from mailwire.protocol._config import ClientConfig
 from mailwire.protocol._dsn import DSNMessage, build_dsn
-from mailwire.protocol._errors import LocalProtocolError, RemoteProtocolError
+from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import (
-    NEED_DATA,
-    PAUSED,
-    ConnectionClosed,
     MailFrom,
-    Quit,
     RcptTo,
     Reply,
 )
@@ -93,7 +90,7 @@ from mailwire.protocol._trace import (
     received_header,
     with_protocol,
 )
-from mailwire.protocol._transaction import MailTransaction, SessionSetup
+from mailwire.protocol._transaction import MailTransaction
 
 Nameservers = Sequence[tuple[str, int]]
 
@@ -158,8 +155,11 @@ def opportunistic_context() -> ssl.SSLContext:
 # --- one session toward one target ------------------------------------------------------------
 
 
-class DeliverySession:
+class DeliverySession(ClientSession):
     """One SMTP session with the walk's current target; no I/O (see the module comment).
+
+    The session mechanics (setup, timeouts, QUIT) are ClientSession's, shared with
+    ``send_message``; this class chooses what is offered and reports to the walk.
 
     Args:
         walk: the delivery walk; its ``current`` target is the one connected to, and its
@@ -190,161 +190,32 @@ class DeliverySession:
     ) -> None:
         if walk.current is None:
             raise LocalProtocolError("the walk has no session in progress")
+        conn = ClientConnection(config, now=now)
+        super().__init__(conn, starttls=starttls, sasl=None, timeout=timeout, now=now)
         self.walk = walk
         self.target: Target = walk.current
-        self.conn = ClientConnection(config, now=now)
-        self.setup = SessionSetup(self.conn, starttls=starttls, now=now)
-        self.transaction: MailTransaction | None = None
         self.offered = walk.pending
-        self.error: str | None = None
         self.refusal: Reply | None = None  # our own refusal to send (SMTPUTF8)
         self.tls_failed = False  # set by the runtime when the STARTTLS handshake failed
-        self.done = False
         self._sender = sender
         self._recipients = recipients
         self._content = content
-        self._timeout = timeout
-        self._now = now
-        self._last_progress = now
-        self._quitting = False
 
-    # -- what the runtime asks ------------------------------------------------------------------
-
-    @property
-    def wants_tls(self) -> bool:
-        """Do the STARTTLS handshake now, then call tls_established()."""
-        return not self.done and self.setup.wants_tls
-
-    def data_to_send(self) -> bytes:
-        """The bytes to write to the server."""
-        try:
-            if self.transaction is not None and not self.transaction.done:
-                out = self.transaction.data_to_send()
-            else:
-                out = self.conn.data_to_send()
-        except LocalProtocolError as exc:
-            self._fail(f"client engine stopped: {exc}")
-            return b""
-        if out:
-            self._last_progress = self._now
-        return out
-
-    def wait_time(self, now: float) -> float:
-        """Seconds to wait for input before check_timeout() is due."""
-        limit = self._last_progress + self._timeout
-        deadline = self.conn.deadline
-        if deadline is not None:
-            limit = min(limit, deadline)
-        return max(limit - now, 0.0)
-
-    # -- what the runtime reports --------------------------------------------------------------
-
-    def receive_data(self, data: bytes, *, now: float) -> None:
-        """Bytes read from the server."""
-        self._now = self._last_progress = now
-        try:
-            if self.transaction is not None and not self.transaction.done:
-                self.transaction.receive_data(data, now=now)
-            elif not self.setup.done:
-                self.setup.receive_data(data, now=now)
-            else:
-                self.conn.receive_data(data, now=now)
-        except RemoteProtocolError as exc:
-            self._fail(f"protocol error from the server: {exc}")
-            return
-        except LocalProtocolError as exc:
-            # A client-engine refusal to go on (e.g. MailTransaction pumping RCPT after a
-            # refused MAIL without PIPELINING): the replies recorded so far still decide.
-            self._fail(f"client engine stopped: {exc}")
-            return
-        self._advance()
-
-    def receive_eof(self) -> None:
-        """The server closed the connection."""
-        if self.transaction is not None and not self.transaction.done:
-            self.transaction.receive_eof()
-        elif not self.setup.done:
-            self.setup.receive_eof()
-        else:
-            self.conn.receive_eof()
-        self._advance()
-        if not self.done:
-            self._fail("connection closed by the server")
-
-    def tls_established(self) -> None:
-        """The STARTTLS handshake succeeded."""
-        self.setup.tls_established()
-        self._advance()
-
-    def check_timeout(self, now: float) -> bool:
-        """End the session if the server has been silent too long; True if it ended."""
-        self._now = now
-        if self.done:
-            return True
-        if now < self._last_progress + self._timeout and not self.conn.check_timeout(now):
-            return False
-        if self._quitting:
-            self.done = True  # the fate of the message was decided before QUIT
-        else:
-            self._fail("timeout waiting for the server")
-        return True
-
-    def connection_failed(self, reason: str) -> None:
-        """The connection broke (reset, TLS failure)."""
-        if self._quitting:
-            self.done = True
-        elif not self.done:
-            self._fail(f"connection failed: {reason}")
-
-    # -- the course of the session -------------------------------------------------------------
-
-    def _fail(self, error: str) -> None:
-        if self.error is None:
-            self.error = error
-        self.done = True
-        self.conn.send_failed()
-
-    def _advance(self) -> None:
-        if self.done:
-            return
-        if self.transaction is None:
-            if not self.setup.done:
-                return
-            if not self.setup.result.ok:
-                self._quit()
-                return
-            if self._sender.smtputf8 and not self.conn.has_extension("SMTPUTF8"):
-                # RFC 6531 3.2: without SMTPUTF8 at the server the message MUST NOT go out as
-                # it is; "553 5.6.7" is the code RFC 6531 3.7.1 suggests for the refusal.
-                self.refusal = Reply(
-                    code=553, text=f"5.6.7 {self.target.host} does not support SMTPUTF8"
-                )
-                self._quit()
-                return
-            try:
-                self.transaction = MailTransaction(
-                    self.conn,
-                    sender=self._mail_from(),
-                    recipients=[self._rcpt_to(a) for a in self.offered],
-                    body=[self._content],
-                    now=self._now,
-                )
-            except LocalProtocolError as exc:
-                self.error = f"cannot send this message to this server: {exc}"
-                self._quit()
-                return
-        if not self.transaction.done:
-            return
-        if not self._quitting:
-            self._quit()
-            return
-        while True:  # waiting for the reply to QUIT
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                return
-            if event is PAUSED or isinstance(event, (ConnectionClosed, Reply)):
-                self.done = True
-                return
+    def _start_transaction(self) -> MailTransaction | None:
+        if self._sender.smtputf8 and not self.conn.has_extension("SMTPUTF8"):
+            # RFC 6531 3.2: without SMTPUTF8 at the server the message MUST NOT go out as it
+            # is; "553 5.6.7" is the code RFC 6531 3.7.1 suggests for the refusal.
+            self.refusal = Reply(
+                code=553, text=f"5.6.7 {self.target.host} does not support SMTPUTF8"
+            )
+            return None
+        return MailTransaction(
+            self.conn,
+            sender=self._mail_from(),
+            recipients=[self._rcpt_to(a) for a in self.offered],
+            body=[self._content],
+            now=self._now,
+        )
 
     def _mail_from(self) -> MailFrom:
         stored, conn = self._sender, self.conn
@@ -366,13 +237,6 @@ class DeliverySession:
         if rcpt is None or not self.conn.has_extension("DSN"):
             return RcptTo(address=address)
         return RcptTo(address=address, notify=rcpt.notify, orcpt=rcpt.orcpt)
-
-    def _quit(self) -> None:
-        self._quitting = True
-        try:
-            self.conn.send(Quit(), now=self._now)
-        except LocalProtocolError:
-            self.done = True
 
     # -- the outcome ---------------------------------------------------------------------------
 
