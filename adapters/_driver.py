@@ -44,6 +44,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -237,11 +238,13 @@ class Driver:
         *,
         clock: Callable[[], float],
         logger: logging.Logger,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self.handler = handler
         self.config = config
         self.session = session
         self.clock = clock
+        self.sleep = sleep  # the runtime's sleep (awaitable on asyncio and trio)
         self.log = logger
         self.conn = ServerConnection(config, tls_active=session.tls, now=clock())
         self.in_message = False
@@ -320,18 +323,23 @@ class Driver:
             )
         return result
 
+    def _answer(
+        self, fn: Callable[..., object], default: Reply, *args: object
+    ) -> Generator[Call, object, Reply]:
+        result = yield from self._ask(fn, *args)
+        if isinstance(result, _Failed):
+            return Reply(code=451, text="4.3.0 Local error in processing")
+        if result is None:
+            return default
+        if not isinstance(result, Reply):
+            self.log.error("%s %r returned %r, not a Reply", self.session.id, fn, result)
+            return Reply(code=451, text="4.3.0 Local error in processing")
+        return result
+
     def _decide(
         self, fn: Callable[..., object], default: Reply, *args: object
     ) -> Generator[Call, object, bool]:
-        result = yield from self._ask(fn, *args)
-        if isinstance(result, _Failed):
-            result = Reply(code=451, text="4.3.0 Local error in processing")
-        elif result is None:
-            result = default
-        elif not isinstance(result, Reply):
-            self.log.error("%s %r returned %r, not a Reply", self.session.id, fn, result)
-            result = Reply(code=451, text="4.3.0 Local error in processing")
-        return self._send(result)
+        return self._send((yield from self._answer(fn, default, *args)))
 
     def process(self) -> Steps:
         """Drive the engine until it needs bytes, a TLS handshake, or the session is over.
@@ -378,7 +386,12 @@ class Driver:
                     ok = yield from self._decide(h.on_vrfy, default, event)
                 case AuthCredentials():
                     default = Reply(code=535, text="Authentication credentials invalid")
-                    ok = yield from self._decide(h.on_auth, default, event)
+                    reply = yield from self._answer(h.on_auth, default, event)
+                    if reply.code != 235 and cfg.auth_failure_delay > 0:
+                        # slow password guessing down; the runtime's sleep does not block
+                        # other sessions (asyncio/trio await it, threads sleep this thread)
+                        yield Call(self.sleep, (cfg.auth_failure_delay,))
+                    ok = self._send(reply)
                 case Data():
                     yield from self._start_message()
                 case Bdat():

@@ -158,7 +158,14 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         session = new_session(peer, transport.get_extra_info("sockname"), tls=server.implicit_tls)
-        self.driver = Driver(server.handler, self.config, session, clock=self.loop.time, logger=log)
+        self.driver = Driver(
+            server.handler,
+            self.config,
+            session,
+            clock=self.loop.time,
+            logger=log,
+            sleep=asyncio.sleep,
+        )
         self.live = Live(driver=self.driver, wake=self._wake)
         server.live[self.live] = self
         log.debug("%s connect from %s", session.id, session.peer)

@@ -121,7 +121,14 @@ class _Server:
             session = new_session(
                 raw.socket.getpeername(), raw.socket.getsockname(), tls=self.implicit_tls
             )
-            driver = Driver(self.handler, self.config, session, clock=trio.current_time, logger=log)
+            driver = Driver(
+                self.handler,
+                self.config,
+                session,
+                clock=trio.current_time,
+                logger=log,
+                sleep=trio.sleep,
+            )
             live = Live(driver=driver, wake=lambda: None)
             self.live.add(live)
             log.debug("%s connect from %s", session.id, session.peer)

@@ -57,6 +57,9 @@ class ServerConfig:
         auth_required: refuse MAIL until the client has authenticated (submission, RFC 6409).
         max_auth_failures: failed AUTH attempts (non-235 answers to credentials) tolerated per
             session before 421 4.7.0 and close: password guessing costs a new connection.
+        auth_failure_delay: seconds the adapters hold back a failed AUTH's reply, 1 s by
+            default (Dovecot's is 2 s); the engine itself never waits, mailwire.adapters sleep
+            without blocking other sessions.
         command_timeout: seconds to wait for a command line.
         data_timeout: seconds to wait for each block of message data.
         min_data_progress: octets that make a "block": the data deadline restarts only after
@@ -85,6 +88,7 @@ class ServerConfig:
     auth_requires_tls: bool = True
     auth_required: bool = False
     max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0
     command_timeout: float = COMMAND_TIMEOUT
     data_timeout: float = DATA_BLOCK_TIMEOUT
     min_data_progress: int = 1024
@@ -99,6 +103,8 @@ class ServerConfig:
             raise LocalProtocolError(
                 f"max_recipients must be at least {MIN_RECIPIENTS} (RFC 5321 4.5.3.1.8)"
             )
+        if self.auth_failure_delay < 0:
+            raise LocalProtocolError("auth_failure_delay must be >= 0")
         if self.max_auth_failures < 1:
             raise LocalProtocolError("max_auth_failures must be >= 1")
         if self.max_bad_commands < 1:

@@ -437,3 +437,17 @@ def test_protocol_error_closes(bad: bytes) -> None:
     step(driver)
     outcome, lines = step(driver, bad)
     assert outcome == "CLOSE" and codes(lines) == [421]
+
+
+def test_failed_auth_reply_waits_for_the_configured_delay_through_the_runtime_sleep() -> None:
+    slept: list[float] = []
+    config = ServerConfig(auth_mechanisms=("PLAIN",), auth_requires_tls=False,
+                          auth_failure_delay=1.5)  # fmt: skip
+    session = Session(id="t", peer=("127.0.0.1", 1), local=("127.0.0.1", 25))
+    driver = Driver(Handler(), config, session, clock=lambda: 0.0, logger=logging.getLogger("t"),
+                    sleep=slept.append)  # fmt: skip
+    run_sync(driver.process())
+    driver.receive(b"EHLO c\r\nAUTH PLAIN AGEAYg==\r\n")
+    run_sync(driver.process())
+    assert slept == [1.5]
+    assert driver.data_to_send().endswith(b"535 5.7.8 Authentication credentials invalid\r\n")
