@@ -1,0 +1,638 @@
+# The delivery agent's decisions, written once for every runtime.
+#
+# Strategy.  The agent's logic -- what to read, where to route, which host to try next, what
+# the Scheduler is told, which notices go out, what is journaled and removed -- is the same
+# whether it runs on anyio (asyncio, trio: adapters/_delivery_anyio.py) or on blocking
+# sockets and worker threads (adapters/_delivery_threads.py).  So, as adapters/_driver.py does
+# for the server's handler calls, every piece that needs I/O is a *generator* that yields an
+# Op ("do this I/O") and receives its result through send().  It never performs I/O itself;
+# a runtime agent runs the generator with drive() (inline, blocking) or drive_async()
+# (awaiting), and supplies only the four kinds of I/O:
+#
+#   Blocking(fn, args)   a blocking call into the store or the journal (file I/O, fsync):
+#                        inline on threads, in a worker thread on anyio;
+#   Resolve(lookup)      run a RouteLookup with dnspython (adapters/_dns.py): the sync
+#                        resolver on threads, the async one on anyio;
+#   Talk(target, start)  connect to the target (connect_timeout), build the DeliverySession
+#                        with ``start(now)`` on the runtime's monotonic clock, run its I/O
+#                        loop (adapters/_delivery.py) and close; the result is the finished
+#                        session, or the text of why no connection could be made;
+#   LocalCall(fn, ...)   call the local delivery callable (sync or async).
+#
+# An exception raised by an Op is thrown into the generator at the yield, so the logic
+# handles store errors where it asked.  Scheduling (when to pop work, how many deliveries at
+# once, how to sleep and be woken) is the runtime's too: a task group on anyio, a thread pool
+# and a Condition on threads.  The queue verbs (queue, flush, hold, release) and enqueue()
+# are plain methods here, made thread-safe by ``_lock`` (a no-op on anyio, where everything
+# runs on the event loop thread; an RLock on threads).
+#
+# Invariants (both runtimes, because the code is shared):
+#   * every lease from the Scheduler is completed exactly once, even when a delivery raises
+#     (its recipients are deferred with 451 4.3.0): no recipient is lost or stuck;
+#   * write order after an attempt: notifications (stored in the spool) first, then the
+#     journal, then the removal of a finished message (adapters/_delivery.RecipientJournal);
+#   * RFC 5321 6.3: a message with too many Received fields is bounced, not passed on;
+#     RFC 5321 4.4: the trace field of the accepting hop is added when the message leaves;
+#     RFC 5321 6.1: notifications use the null reverse-path and are queued like any mail.
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar, cast
+
+from mailwire.adapters._delivery import (
+    DeliveryConfig,
+    DeliverySession,
+    RecipientJournal,
+    TLSPolicy,
+    delivery_recipients,
+    loop_reply,
+    notifications,
+    queued_message,
+    report_from_results,
+    with_received,
+)
+from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError, StoredMessage
+from mailwire.protocol._dnsquery import RouteLookup
+from mailwire.protocol._dsn import DSNMessage
+from mailwire.protocol._events import MailFrom, RcptTo, Reply
+from mailwire.protocol._queue import (
+    Completion,
+    Delivery,
+    MessageState,
+    QueuedMessage,
+    Recipient,
+    RecipientState,
+    Scheduler,
+)
+from mailwire.protocol._routing import (
+    ConnectFailed,
+    DeliveryWalk,
+    Destination,
+    Route,
+    RouteKind,
+    Target,
+    WalkResult,
+    group_recipients,
+)
+from mailwire.protocol._routing import RecipientStatus as WalkStatus
+
+log = logging.getLogger("mailwire.adapters.delivery")
+T = TypeVar("T")
+
+LocalDeliver = Callable[[str, str, bytes], "Reply | None | Awaitable[Reply | None]"]
+"""Local delivery: ``fn(sender, recipient, content)`` -> Reply (None: delivered).  On anyio,
+``async def`` callables run on the event loop and plain ones in a worker thread; on threads
+they are called in the delivery's worker thread."""
+
+
+# --- the I/O a runtime supplies ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Blocking:
+    """Call ``fn(*args)``: a blocking call into the store or the journal."""
+
+    fn: Callable[..., object]
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """Run ``lookup`` (a fresh RouteLookup) with dnspython; the result is its Route."""
+
+    lookup: RouteLookup
+
+
+@dataclass(frozen=True, slots=True)
+class Talk:
+    """Connect to ``target``; on success build the session with ``start(now)`` (``now`` on
+    the runtime's monotonic clock, taken once connected) and run it to its end.  The result
+    is the finished DeliverySession, or a str: why no connection could be made."""
+
+    target: Target
+    start: Callable[[float], DeliverySession]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCall:
+    """Call the local delivery callable; the result is its Reply (or None: delivered)."""
+
+    fn: LocalDeliver
+    sender: str
+    recipient: str
+    content: bytes
+
+
+Op: TypeAlias = Blocking | Resolve | Talk | LocalCall
+Steps: TypeAlias = Generator[Op, object, T]
+
+
+def drive(steps: Steps[T], do: Callable[[Op], object]) -> T:
+    """Run ``steps`` to its end, doing each Op with the blocking ``do``.
+
+    Args:
+        steps: one of the agent's generators.
+        do: performs an Op and returns its result (exceptions are thrown into ``steps``).
+
+    Returns:
+        The generator's return value.
+    """
+    value: object = None
+    error: Exception | None = None
+    try:
+        while True:
+            try:
+                op = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+            try:
+                value, error = do(op), None
+            except Exception as exc:  # thrown into the generator at its yield
+                value, error = None, exc
+    finally:
+        steps.close()
+
+
+async def drive_async(steps: Steps[T], do: Callable[[Op], Awaitable[object]]) -> T:
+    """drive() for async runtimes: ``do`` is awaited (no asyncio or trio API is used)."""
+    value: object = None
+    error: Exception | None = None
+    try:
+        while True:
+            try:
+                op = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+            try:
+                value, error = await do(op), None
+            except Exception as exc:
+                value, error = None, exc
+    finally:
+        steps.close()
+
+
+def is_async_callable(fn: object) -> bool:
+    """True for an ``async def`` function (or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method itself, not callable()
+    )
+
+
+def reason(exc: BaseException) -> str:
+    """Short text for a connection failure."""
+    if isinstance(exc, TimeoutError):
+        return "connection timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def reply_text(reply: Reply | None) -> str:
+    """A reply on one line, for logs."""
+    if reply is None:
+        return "no reply"
+    return f"{reply.code} " + " ".join(reply.text.split())
+
+
+# --- the agent's logic -------------------------------------------------------------------------
+
+
+class AgentCore:
+    """The runtime-neutral part of a delivery agent (see the module comment).
+
+    Subclasses supply the I/O of the Ops and the scheduling loop (run, run_once, wake, stop).
+
+    Args:
+        store: the durable message store (shared with the server's SpoolHandler).
+        config: delivery settings (routing, port, nameservers, retry policy, timeouts).
+        local: local delivery for local domains, or None (local recipients are then
+            deferred with 451 4.3.0).
+        scheduler: the Scheduler (default: a new one with ``config.retry``).
+        clock: the Scheduler's clock, seconds.
+        rng: source of routing seeds.
+        journal: where final recipient results are kept across restarts (None: nowhere;
+            a restart then delivers again to recipients that already had the message).
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        config: DeliveryConfig,
+        *,
+        local: LocalDeliver | None = None,
+        scheduler: Scheduler | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        journal: RecipientJournal | None = None,
+    ) -> None:
+        self.store = store
+        self.journal = journal
+        self.config = config
+        self.local = local
+        self.scheduler = scheduler or Scheduler(config.retry)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.client_config = config.client_config()
+        self.lmtp_config = config.client_config(lmtp=True)
+        self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
+        # Guards the Scheduler and the counters: a no-op where one thread does everything.
+        self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
+    def wake(self) -> None:
+        """Make a waiting run() look at the queue again (the runtime's)."""
+
+    # --- feeding the queue --------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        queue_id: str,
+        envelope: SpoolEnvelope,
+        *,
+        states: Sequence[RecipientState] | None = None,
+    ) -> None:
+        """Queue a message the store already holds (anyio: call on the agent's event loop;
+        threads: from any thread).
+
+        Args:
+            queue_id: its queue ID.
+            envelope: its envelope.
+            states: recipient states restored from the journal (default: all pending).
+        """
+        message = self._message(queue_id, envelope)
+        with self._lock:
+            if queue_id in self.scheduler:
+                return
+            self.scheduler.add(message, due=min(message.arrival, self.clock()), states=states)
+        log.info("%s: queued from=<%s> nrcpt=%d", queue_id, message.sender, len(message.recipients))
+        self.wake()
+
+    def _message(self, queue_id: str, envelope: SpoolEnvelope) -> QueuedMessage:
+        return queued_message(
+            queue_id,
+            sender=envelope.sender,
+            recipients=envelope.recipients,
+            arrival=envelope.arrival or self.clock(),
+            size=envelope.size,
+        )
+
+    def _blocking(self, fn: Callable[..., T], *args: object) -> Steps[T]:
+        result = yield Blocking(fn, args)
+        return cast(T, result)
+
+    def _start(self) -> Steps[list[str]]:
+        ids = yield from self._blocking(self.store.list)
+        queued = []
+        for queue_id in ids:
+            try:
+                stored = yield from self._blocking(self.store.get, queue_id)
+            except Exception as exc:  # SpoolError, or what a damaged spool makes the store raise
+                log.error("%s: cannot read from the spool, left there: %s", queue_id, exc)
+                continue
+            states = None
+            if self.journal is not None:
+                message = self._message(queue_id, stored.envelope)
+                states = yield from self._blocking(self.journal.states, message)
+                if all(st.status.is_final for st in states):
+                    # finished before the restart, only its removal was missing
+                    yield from self._remove(queue_id)
+                    continue
+            self.enqueue(queue_id, stored.envelope, states=states)
+            queued.append(queue_id)
+        return queued
+
+    def _submit(self, sender: MailFrom, recipients: Sequence[RcptTo], content: bytes) -> Steps[str]:
+        envelope = SpoolEnvelope(
+            sender=sender, recipients=tuple(recipients), arrival=self.clock(), size=len(content)
+        )
+        queue_id = yield from self._blocking(self.store.put, envelope, [content])
+        self.enqueue(queue_id, envelope)
+        return queue_id
+
+    # --- queue management ---------------------------------------------------------------------
+
+    def queue(self) -> list[MessageState]:
+        """Every queued message's state, in arrival order."""
+        with self._lock:
+            return list(self.scheduler.messages())
+
+    def flush(self, queue_id: str | None = None) -> None:
+        """Retry one message now, or everything (lifting every destination's back-off).
+
+        Raises:
+            KeyError: no such queued message.
+        """
+        with self._lock:
+            if queue_id is None:
+                self.scheduler.flush_all(now=self.clock())
+            else:
+                self.scheduler.flush(queue_id, now=self.clock())
+        self.wake()
+
+    def hold(self, queue_id: str) -> None:
+        """Stop scheduling a message until release() (KeyError if not queued)."""
+        with self._lock:
+            self.scheduler.hold(queue_id)
+        log.info("%s: held", queue_id)
+
+    def release(self, queue_id: str) -> None:
+        """Resume a held message's schedule (KeyError if not queued)."""
+        with self._lock:
+            self.scheduler.release(queue_id)
+        log.info("%s: released", queue_id)
+        self.wake()
+
+    def _delete(self, queue_id: str) -> Steps[MessageState]:
+        with self._lock:
+            state = self.scheduler.delete(queue_id)
+        log.info("%s: deleted by the administrator", queue_id)
+        yield from self._remove(queue_id)
+        return state
+
+    def _pop_due(self, limit: int | None = None) -> list[Delivery]:
+        with self._lock:
+            return self.scheduler.pop_due(self.clock(), limit=limit)
+
+    # --- one delivery -------------------------------------------------------------------------
+
+    def _guarded(self, delivery: Delivery) -> Steps[None]:
+        try:
+            yield from self._deliver(delivery)
+        except Exception as exc:  # never lose a lease: defer and log
+            log.exception("%s: delivery failed", delivery.message.queue_id)
+            reply = Reply(code=451, text=f"4.3.0 Local error in delivery: {exc!r}")
+            with contextlib.suppress(KeyError):  # KeyError: it was completed already
+                self._complete(delivery, {}, reply=reply, remote_mta=None, failed_conn=False)
+
+    def _deliver(self, delivery: Delivery) -> Steps[Completion | None]:
+        message = delivery.message
+        queue_id = message.queue_id
+        try:
+            stored: StoredMessage = yield from self._blocking(self.store.get, queue_id)
+        except SpoolError as exc:
+            log.error("%s: cannot read from the spool: %s", queue_id, exc)
+            return self._complete(
+                delivery,
+                {},
+                reply=Reply(code=451, text="4.3.0 Queue file unreadable"),
+                remote_mta=None,
+                failed_conn=False,
+            )
+        env = stored.envelope
+        rcpts = delivery_recipients(delivery)
+        loop = loop_reply(stored.content)
+        content = with_received(
+            stored.content,
+            peer=env.peer[0],
+            hello=env.hello,
+            tls=env.tls,
+            authenticated=env.authenticated_as is not None,
+            smtputf8=env.sender.smtputf8,
+            recipients=[r.address for r in env.recipients],
+            queue_id=queue_id,
+            hostname=self.config.hostname,
+            arrival=env.arrival,
+        )
+        results: list[WalkResult] = []
+        if loop is not None:  # RFC 5321 6.3: a mail loop; bounce rather than pass it on
+            results = [WalkResult(recipient=r, status=WalkStatus.FAILED, reply=loop) for r in rcpts]
+            rcpts = {}
+        for destination in group_recipients(rcpts, self.config.routing):
+            lookup = RouteLookup(
+                destination, config=self.config.routing, seed=self.rng.getrandbits(32)
+            )
+            route = lookup.result or (yield from self._resolve(lookup))
+            for line in route.trace:
+                log.debug("%s: route %s: %s", queue_id, route.nexthop, line)
+            if route.kind is RouteKind.LOCAL and self.config.lmtp is not None:
+                route = yield from self._lmtp_route(route)
+                results += yield from self._walk(route, env.sender, rcpts, content, queue_id, True)
+            elif route.kind is RouteKind.LOCAL:
+                results += yield from self._deliver_local(route, message, content)
+            else:
+                results += yield from self._walk(route, env.sender, rcpts, content, queue_id)
+        report = report_from_results(results)
+        now = self.clock()
+        completion = self._complete(
+            delivery,
+            report.replies,
+            reply=None,
+            remote_mta=report.remote_mta,
+            failed_conn=report.connection_failed,
+        )
+        if completion is None:
+            return None
+        yield from self._after(completion, message, content, now)
+        return completion
+
+    def _resolve(self, lookup: RouteLookup) -> Steps[Route]:
+        route = yield Resolve(lookup)
+        return cast(Route, route)
+
+    def _complete(
+        self,
+        delivery: Delivery,
+        replies: dict[str, Reply],
+        *,
+        reply: Reply | None,
+        remote_mta: str | None,
+        failed_conn: bool,
+    ) -> Completion | None:
+        with self._lock:
+            completion = self.scheduler.complete(
+                delivery,
+                now=self.clock(),
+                replies=replies or None,
+                reply=reply,
+                remote_mta=remote_mta,
+                connection_failed=failed_conn,
+            )
+            if completion is None:
+                return None
+            self.counters["delivered"] += len(completion.delivered)
+            self.counters["bounced"] += len(completion.failed)
+            self.counters["deferred"] += len(completion.deferred)
+        qid = completion.queue_id
+        for state in completion.delivered:
+            log.info(
+                "%s: to=<%s> relay=%s status=delivered (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "local",
+                reply_text(state.reply),
+            )
+        for state in completion.failed:
+            log.info(
+                "%s: to=<%s> relay=%s status=bounced%s (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "none",
+                " (expired)" if state.expired else "",
+                reply_text(state.reply),
+            )
+        for state in completion.deferred:
+            log.info(
+                "%s: to=<%s> relay=%s status=deferred (%s)",
+                qid,
+                state.recipient.address,
+                state.remote_mta or "none",
+                reply_text(state.reply),
+            )
+        return completion
+
+    def _after(
+        self, completion: Completion, message: QueuedMessage, content: bytes, now: float
+    ) -> Steps[None]:
+        dsns = notifications(
+            completion,
+            message,
+            hostname=self.config.hostname,
+            now=now,
+            content=content,
+            policy=self.scheduler.policy,
+        )
+        for dsn in dsns:
+            try:
+                yield from self._queue_dsn(message.queue_id, dsn)
+            except Exception:
+                # The notification could not be stored: keep the original in the spool, so
+                # that the next start delivers it again rather than lose the bounce.
+                log.exception("%s: could not queue the %s notice", message.queue_id, dsn.kind)
+                return
+        final = completion.delivered + completion.failed
+        # A finished message is removed next; journaling it too costs an fsync and only
+        # matters when a notice went out (a crash before the removal must not send it twice).
+        if self.journal is not None and final and (completion.finished is None or dsns):
+            yield from self._blocking(self.journal.record, message.queue_id, final)
+        if completion.finished is not None:
+            yield from self._remove(message.queue_id)
+
+    def _remove(self, queue_id: str) -> Steps[None]:
+        try:
+            yield from self._blocking(self.store.delete, queue_id)
+        except SpoolError as exc:
+            log.warning("%s: could not remove from the spool: %s", queue_id, exc)
+        if self.journal is not None:
+            yield from self._blocking(self.journal.forget, queue_id)
+        log.info("%s: removed", queue_id)
+
+    def _queue_dsn(self, queue_id: str, dsn: DSNMessage) -> Steps[None]:
+        # RFC 5321 6.1: the notification "MUST be sent using a null ("<>") reverse-path".
+        new_id = yield from self._submit(
+            MailFrom(address=dsn.sender), [RcptTo(address=dsn.recipient)], dsn.content
+        )
+        with self._lock:
+            self.counters["dsn_sent"] += 1
+        log.info(
+            "%s: sender %s notification (%s) queued as %s",
+            queue_id,
+            dsn.kind.value,
+            dsn.recipient,
+            new_id,
+        )
+
+    def _deliver_local(
+        self, route: Route, message: QueuedMessage, content: bytes
+    ) -> Steps[list[WalkResult]]:
+        out = []
+        for rcpt in route.recipients:
+            reply: Reply | None
+            if self.local is None:
+                reply = Reply(code=451, text="4.3.0 No local delivery configured")
+            else:
+                try:
+                    result = yield LocalCall(self.local, message.sender, rcpt, content)
+                    reply = cast("Reply | None", result)
+                except Exception as exc:  # the callable's failure: try again later
+                    log.exception("local delivery to %s failed", rcpt)
+                    reply = Reply(code=451, text=f"4.3.0 Local delivery failed: {exc!r}")
+            if reply is None:
+                reply = Reply(code=250, text="2.0.0 Delivered")
+            status = (
+                WalkStatus.DELIVERED
+                if reply.is_positive
+                else WalkStatus.FAILED
+                if reply.is_permanent
+                else WalkStatus.DEFERRED
+            )
+            out.append(WalkResult(recipient=rcpt, status=status, reply=reply))
+        return out
+
+    def _lmtp_route(self, local: Route) -> Steps[Route]:
+        """The route of local recipients to the LMTP mailbox server (its address looked up
+        like a relay host's, by the same DNS machine)."""
+        hop = self.config.lmtp
+        assert hop is not None
+        destination = Destination(
+            local=False,
+            domain=local.nexthop,
+            nexthop=hop,
+            recipients=local.recipients,
+            reason=f"{local.nexthop} is a local domain: LMTP to {hop}",
+        )
+        lookup = RouteLookup(destination, config=self.config.routing, seed=0)
+        return lookup.result or (yield from self._resolve(lookup))
+
+    def _walk(
+        self,
+        route: Route,
+        sender: MailFrom,
+        rcpts: dict[str, Recipient],
+        content: bytes,
+        queue_id: str,
+        lmtp: bool = False,
+    ) -> Steps[list[WalkResult]]:
+        walk = DeliveryWalk(route, max_connections=self.config.max_connections)
+        config = self.lmtp_config if lmtp else self.client_config
+        opportunistic = self.config.tls is TLSPolicy.OPPORTUNISTIC
+        while (target := walk.next_target()) is not None:
+            for starttls in (None, False) if opportunistic else (False,):
+
+                def start(now: float, starttls: bool | None = starttls) -> DeliverySession:
+                    return DeliverySession(
+                        walk,
+                        sender=sender,
+                        recipients=rcpts,
+                        content=content,
+                        config=config,
+                        starttls=starttls,
+                        timeout=self.config.reply_timeout,
+                        now=now,
+                    )
+
+                outcome = yield Talk(target, start)
+                if isinstance(outcome, str):
+                    walk.feed(ConnectFailed(reason=outcome))
+                    break
+                session = cast(DeliverySession, outcome)
+                if session.tls_failed and starttls is None:
+                    # Opportunistic TLS (RFC 7435): a failed handshake is no reason to give
+                    # up on the host; the same host is tried again in clear text at once.
+                    log.info("%s: TLS with %s failed (%s); retrying without TLS",
+                             queue_id, target, session.error)  # fmt: skip
+                    continue
+                session.feed_walk()
+                break
+        for line in walk.trace:
+            log.debug("%s: walk: %s", queue_id, line)
+        return list(walk.results().values())
+
+
+__all__ = [
+    "AgentCore",
+    "Blocking",
+    "LocalCall",
+    "LocalDeliver",
+    "Op",
+    "Resolve",
+    "Steps",
+    "Talk",
+    "drive",
+    "drive_async",
+    "is_async_callable",
+    "reason",
+    "reply_text",
+]
