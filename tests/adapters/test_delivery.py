@@ -5,13 +5,15 @@ is stepped and run_once() called)."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import socket
 import socketserver
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from mailwire.adapters._delivery import (
     report_from_results,
 )
 from mailwire.adapters._delivery_anyio import DeliveryAgent
+from mailwire.adapters._delivery_threads import BlockingDeliveryAgent
 from mailwire.adapters._driver import Handler, Session
 from mailwire.adapters._maildir import MaildirDelivery
 from mailwire.adapters._spool import DirectoryStore, SpoolEnvelope
@@ -271,20 +274,75 @@ class Clock:
         return self.now
 
 
+Agent = DeliveryAgent | BlockingDeliveryAgent
+AGENTS = ["anyio-asyncio", "anyio-trio", "threads"]
+over_agents = pytest.mark.parametrize("kind", AGENTS)
+"""Run a scenario on every agent: the anyio one on asyncio and on trio, and the blocking one
+(its verbs are simply called from the body, which runs on asyncio)."""
+
+
+async def settle(result: Any) -> Any:
+    """The result of an agent verb: awaited on the anyio agent, as it is on the threads one."""
+    return await result if inspect.isawaitable(result) else result
+
+
 @dataclass
 class World:
-    agent: DeliveryAgent
+    agent: Agent
     clock: Clock
     store: DirectoryStore
     maildirs: Path
     calls: list[tuple[str, str, bytes]]
+    kind: str = "anyio-asyncio"
+
+    def new_agent(self, **kw: Any) -> Agent:
+        """Another agent of the same kind on the same spool (a restart)."""
+        kw.setdefault("clock", self.clock)
+        cls = BlockingDeliveryAgent if self.kind == "threads" else DeliveryAgent
+        return cls(self.store, self.agent.config, **kw)
+
+    async def run_once(self, agent: Agent | None = None) -> int:
+        return int(await settle((agent or self.agent).run_once()))
+
+    async def start(self, agent: Agent | None = None) -> list[str]:
+        return list(await settle((agent or self.agent).start()))
+
+    async def submit(
+        self,
+        sender: MailFrom,
+        recipients: list[RcptTo],
+        content: bytes,
+        agent: Agent | None = None,
+    ) -> str:
+        return str(await settle((agent or self.agent).submit(sender, recipients, content)))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The agent's run() in the background (a task, or a thread), stopped on exit."""
+        agent = self.agent
+        if isinstance(agent, BlockingDeliveryAgent):
+            thread = threading.Thread(target=agent.run)
+            thread.start()
+            try:
+                yield
+            finally:
+                agent.stop()
+                thread.join(10)
+                assert not thread.is_alive()
+            return
+        async with anyio.create_task_group() as group:
+            group.start_soon(agent.run)
+            try:
+                yield
+            finally:
+                agent.stop()
 
 
 Body = Callable[[World], Awaitable[None]]
 
 
-def run(net: Net, tmp_path: Path, body: Body, *, backend: str = "asyncio", **kw: Any) -> None:
-    """Run ``body`` with a fresh agent and spool on ``backend``."""
+def run(net: Net, tmp_path: Path, body: Body, *, kind: str = "anyio-asyncio", **kw: Any) -> None:
+    """Run ``body`` with a fresh agent of ``kind`` and a fresh spool."""
     clock = Clock()
     calls: list[tuple[str, str, bytes]] = []
     maildir = MaildirDelivery(tmp_path / "mail", fsync=False, hostname="mta.test")
@@ -316,9 +374,10 @@ def run(net: Net, tmp_path: Path, body: Body, *, backend: str = "asyncio", **kw:
     config = DeliveryConfig(**{**options, **kw})
     store = DirectoryStore(tmp_path / "spool", fsync=False)
     try:
-        agent = DeliveryAgent(store, config, local=local, clock=clock)
-        world = World(agent, clock, store, tmp_path / "mail", calls)
-        anyio.run(body, world, backend=backend)
+        cls = BlockingDeliveryAgent if kind == "threads" else DeliveryAgent
+        agent = cls(store, config, local=local, clock=clock)
+        world = World(agent, clock, store, tmp_path / "mail", calls, kind)
+        anyio.run(body, world, backend="trio" if kind == "anyio-trio" else "asyncio")
     finally:
         store.close()
 
@@ -329,7 +388,7 @@ MESSAGE = (
 
 
 async def submit(world: World, *rcpts: str, sender: str = SENDER, **rcpt_kw: Any) -> str:
-    return await world.agent.submit(
+    return await world.submit(
         MailFrom(address=sender), [RcptTo(address=r, **rcpt_kw) for r in rcpts], MESSAGE
     )
 
@@ -346,10 +405,11 @@ def bounces(net: Net) -> list[Received]:
 # --- scenarios ---------------------------------------------------------------------------------
 
 
-def test_primary_mx_down_delivers_to_backup(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_primary_mx_down_delivers_to_backup(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         qid = await submit(w, "bob@backup.test")
-        assert await w.agent.run_once() == 1
+        assert await w.run_once() == 1
         got = only(mx.receivers["127.0.0.3"].messages)
         assert got.recipients == ["bob@backup.test"]
         assert got.sender == SENDER
@@ -357,25 +417,29 @@ def test_primary_mx_down_delivers_to_backup(mx: Net, tmp_path: Path) -> None:
         assert qid not in w.agent.scheduler
         assert w.store.list() == []  # finished: removed from the spool
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_4xx_at_the_primary_moves_to_the_backup(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_4xx_at_the_primary_moves_to_the_backup(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "carol@busy.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert mx.receivers["127.0.0.4"].sessions == 1  # tried, answered 451 to MAIL
         assert mx.receivers["127.0.0.4"].messages == []
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["carol@busy.test"]
         assert w.store.list() == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_all_hosts_down_defers_then_delivers_after_they_come_back(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_all_hosts_down_defers_then_delivers_after_they_come_back(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         qid = await submit(w, "dave@down.test")
-        await w.agent.run_once()
+        await w.run_once()
         (state,) = w.agent.scheduler.message(qid).recipients
         assert state.status is RecipientStatus.DEFERRED
         assert state.reply is not None and state.reply.code == 451
@@ -385,25 +449,28 @@ def test_all_hosts_down_defers_then_delivers_after_they_come_back(mx: Net, tmp_p
         assert nxt is not None and nxt > w.clock.now
         # nothing is due before the retry time: no attempt
         w.clock.now = nxt - 1
-        assert await w.agent.run_once() == 0
+        assert await w.run_once() == 0
         backup = mx.start_receiver("127.0.0.6")
         w.clock.now = nxt
-        assert await w.agent.run_once() == 1
+        assert await w.run_once() == 1
         assert only(backup.messages).recipients == ["dave@down.test"]
         assert qid not in w.agent.scheduler
         assert w.store.list() == []
         assert bounces(mx) == []
 
     try:
-        run(mx, tmp_path, body)
+        run(mx, tmp_path, body, kind=kind)
     finally:
         mx.stop_receiver("127.0.0.6")
 
 
-def test_5xx_bounces_with_a_dsn_delivered_to_the_senders_domain(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_5xx_bounces_with_a_dsn_delivered_to_the_senders_domain(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         qid = await submit(w, "nobody@reject.test", orcpt="rfc822;nobody@reject.test")
-        await w.agent.run_once()  # the delivery, then the bounce it queued
+        await w.run_once()  # the delivery, then the bounce it queued
         assert mx.receivers["127.0.0.3"].messages == []
         bounce = only(bounces(mx))
         assert bounce.recipients == [SENDER]
@@ -421,59 +488,66 @@ def test_5xx_bounces_with_a_dsn_delivered_to_the_senders_domain(mx: Net, tmp_pat
         assert w.store.list() == []  # the bounce was delivered too
         assert w.agent.counters["dsn_sent"] == 1
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_a_bounce_that_fails_is_not_bounced_again(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_bounce_that_fails_is_not_bounced_again(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "nobody@reject.test", sender="")
-        await w.agent.run_once()
+        await w.run_once()
         assert bounces(mx) == []
         assert w.agent.counters["dsn_sent"] == 0
         assert w.store.list() == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_null_mx_fails_permanently_without_connecting(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_null_mx_fails_permanently_without_connecting(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "erin@nullmx.test")
-        await w.agent.run_once()
+        await w.run_once()
         report = parse_dsn(only(bounces(mx)).content)
         (rcpt,) = report.recipients
         assert rcpt.status == "5.1.10"
         assert rcpt.remote_mta is None  # nobody was connected to
         assert mx.receivers["127.0.0.3"].sessions == 0
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_implicit_mx_delivers_to_the_domains_own_address(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_implicit_mx_delivers_to_the_domains_own_address(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         await submit(w, "frank@implicit.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["frank@implicit.test"]
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_nxdomain_bounces_with_5_1_2(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_nxdomain_bounces_with_5_1_2(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "gina@nowhere.test")
-        await w.agent.run_once()
+        await w.run_once()
         (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
         assert rcpt.status == "5.1.2"
         assert rcpt.action is DSNAction.FAILED
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_multi_domain_message_with_partial_failure(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_multi_domain_message_with_partial_failure(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         qid = await submit(
             w, "ok@backup.test", "nobody@reject.test", "x@nullmx.test", "later@down.test"
         )
-        await w.agent.run_once()
+        await w.run_once()
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["ok@backup.test"]
         failed = {
             r.final_recipient: r.status
@@ -490,17 +564,18 @@ def test_multi_domain_message_with_partial_failure(mx: Net, tmp_path: Path) -> N
         }
         assert w.store.list() == [qid]  # one recipient still queued
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_connection_dropped_after_the_data_is_retried(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_connection_dropped_after_the_data_is_retried(mx: Net, tmp_path: Path, kind: str) -> None:
     server = DroppingServer(("127.0.0.8", mx.port))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
 
     async def body(w: World) -> None:
         qid = await submit(w, "hal@drop.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert len(server.received) == 1  # the data went out ...
         (state,) = w.agent.scheduler.message(qid).recipients
         assert state.status is RecipientStatus.DEFERRED  # ... but it is not taken as delivered
@@ -509,21 +584,22 @@ def test_connection_dropped_after_the_data_is_retried(mx: Net, tmp_path: Path) -
         nxt = w.agent.scheduler.message(qid).next_attempt
         assert nxt is not None
         w.clock.now = nxt
-        await w.agent.run_once()
+        await w.run_once()
         assert len(server.received) == 2  # the classic duplicate, never a loss
         assert qid not in w.agent.scheduler
         assert w.store.list() == []
 
     try:
-        run(mx, tmp_path, body)
+        run(mx, tmp_path, body, kind=kind)
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
 
 
+@over_agents
 def test_a_failed_opportunistic_tls_handshake_falls_back_to_clear_text(
-    mx: Net, tmp_path: Path
+    mx: Net, tmp_path: Path, kind: str
 ) -> None:
     server = DroppingServer(("127.0.0.8", mx.port), drop=False, bad_tls=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -531,23 +607,24 @@ def test_a_failed_opportunistic_tls_handshake_falls_back_to_clear_text(
 
     async def body(w: World) -> None:
         qid = await submit(w, "tess@drop.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert server.starttls_seen == 1  # tried once ...
         assert len(server.received) == 1  # ... then delivered in clear text
         assert qid not in w.agent.scheduler
 
     try:
-        run(mx, tmp_path, body)
+        run(mx, tmp_path, body, kind=kind)
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
 
 
-def test_local_domain_goes_to_a_maildir_per_recipient(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_local_domain_goes_to_a_maildir_per_recipient(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "Ivy@local.test", "jack@local.test")
-        await w.agent.run_once()
+        await w.run_once()
         for box in ("ivy", "jack"):
             (path,) = (w.maildirs / "local.test" / box / "new").iterdir()
             data = path.read_bytes()
@@ -557,32 +634,37 @@ def test_local_domain_goes_to_a_maildir_per_recipient(mx: Net, tmp_path: Path) -
         assert w.store.list() == []
         assert mx.receivers["127.0.0.3"].messages == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_local_domain_goes_to_the_embedded_callable(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_local_domain_goes_to_the_embedded_callable(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "app@app.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert w.calls == [(SENDER, "app@app.test", MESSAGE)]
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_a_bounce_to_a_local_sender_lands_in_its_maildir(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_bounce_to_a_local_sender_lands_in_its_maildir(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         await submit(w, "nobody@reject.test", sender="kim@local.test")
-        await w.agent.run_once()
+        await w.run_once()
         (path,) = (w.maildirs / "local.test" / "kim" / "new").iterdir()
         data = path.read_bytes()
         assert data.startswith(b"Return-Path: <>\r\n")
         (rcpt,) = parse_dsn(data.split(b"\r\n", 2)[2]).recipients
         assert rcpt.status == "5.1.1"
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_restart_queues_every_stored_message(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_restart_queues_every_stored_message(mx: Net, tmp_path: Path, kind: str) -> None:
     store = DirectoryStore(tmp_path / "spool", fsync=False)
     env = SpoolEnvelope(
         sender=MailFrom(address=SENDER),
@@ -593,27 +675,17 @@ def test_restart_queues_every_stored_message(mx: Net, tmp_path: Path) -> None:
     store.close()
 
     async def body(w: World) -> None:
-        assert await w.agent.start() == [qid]
-        await w.agent.run_once()
+        assert await w.start() == [qid]
+        await w.run_once()
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["luke@backup.test"]
         assert w.store.list() == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_the_same_agent_code_runs_on_trio(mx: Net, tmp_path: Path) -> None:
-    async def body(w: World) -> None:
-        await submit(w, "mia@backup.test", "nobody@reject.test")
-        await w.agent.run_once()
-        assert only(mx.receivers["127.0.0.3"].messages).recipients == ["mia@backup.test"]
-        assert len(bounces(mx)) == 1
-
-    run(mx, tmp_path, body, backend="trio")
-
-
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@over_agents
 def test_opportunistic_starttls_is_used_when_offered(
-    mx: Net, tmp_path: Path, server_tls: Any, backend: str
+    mx: Net, tmp_path: Path, server_tls: Any, kind: str
 ) -> None:
     receiver = Receiver()
     controller = Controller(
@@ -635,18 +707,21 @@ def test_opportunistic_starttls_is_used_when_offered(
 
     async def body(w: World) -> None:
         await submit(w, "ned@tls.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert only(receiver.messages).recipients == ["ned@tls.test"]
         assert tls_seen == [True]
 
     try:
-        run(mx, tmp_path, body, backend=backend)
+        run(mx, tmp_path, body, kind=kind)
     finally:
         controller.stop()
         del mx.dns.zone["tls.test"]
 
 
-def test_tls_policy_none_stays_in_clear_text(mx: Net, tmp_path: Path, server_tls: Any) -> None:
+@over_agents
+def test_tls_policy_none_stays_in_clear_text(
+    mx: Net, tmp_path: Path, server_tls: Any, kind: str
+) -> None:
     receiver = Receiver()
     controller = Controller(
         receiver,
@@ -659,23 +734,26 @@ def test_tls_policy_none_stays_in_clear_text(mx: Net, tmp_path: Path, server_tls
 
     async def body(w: World) -> None:
         await submit(w, "ned@tls.test")
-        await w.agent.run_once()
+        await w.run_once()
         assert only(receiver.messages).recipients == ["ned@tls.test"]
 
     try:
-        run(mx, tmp_path, body, tls=TLSPolicy.NONE)
+        run(mx, tmp_path, body, tls=TLSPolicy.NONE, kind=kind)
     finally:
         controller.stop()
         del mx.dns.zone["tls.test"]
 
 
-def test_delay_notice_after_four_hours_then_bounce_at_expiry(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_delay_notice_after_four_hours_then_bounce_at_expiry(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         qid = await submit(w, "olga@down.test")
         arrival = w.clock.now
         attempts = 0
         while qid in w.agent.scheduler:
-            attempts += await w.agent.run_once()
+            attempts += await w.run_once()
             wakeup = w.agent.scheduler.next_wakeup()
             if wakeup is not None and qid in w.agent.scheduler:
                 w.clock.now = max(w.clock.now, wakeup)
@@ -689,83 +767,89 @@ def test_delay_notice_after_four_hours_then_bounce_at_expiry(mx: Net, tmp_path: 
         assert 10 < attempts < 60
         assert w.store.list() == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_a_dead_destination_backs_off_as_a_whole(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_dead_destination_backs_off_as_a_whole(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "p1@down.test")
         await submit(w, "p2@down.test")
-        assert await w.agent.run_once() == 2
+        assert await w.run_once() == 2
         (dest,) = [d for d in w.agent.scheduler.destinations() if d.destination == "down.test"]
         assert dest.failures == 1 and dest.limit == 1
         w.clock.now += 10
         queries = len(mx.dns.log)
         await submit(w, "p3@down.test")  # due now, but its destination is backing off
-        assert await w.agent.run_once() == 0
+        assert await w.run_once() == 0
         assert len(mx.dns.log) == queries
         await submit(w, "ok@backup.test")  # other destinations are not slowed down
-        assert await w.agent.run_once() == 1
+        assert await w.run_once() == 1
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_a_failing_local_delivery_is_deferred_not_lost(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_failing_local_delivery_is_deferred_not_lost(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         qid = await submit(w, "boom@app.test")
-        await w.agent.run_once()
+        await w.run_once()
         (state,) = w.agent.scheduler.message(qid).recipients
         assert state.status is RecipientStatus.DEFERRED
         assert state.reply is not None and state.reply.enhanced == "4.3.0"
         assert w.store.list() == [qid]
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_notify_never_suppresses_the_bounce(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_notify_never_suppresses_the_bounce(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "nobody@reject.test", notify=("NEVER",))
-        await w.agent.run_once()
+        await w.run_once()
         assert bounces(mx) == []
         assert w.store.list() == []
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
+@over_agents
 def test_a_restart_does_not_deliver_again_to_recipients_that_had_the_message(
-    mx: Net, tmp_path: Path
+    mx: Net, tmp_path: Path, kind: str
 ) -> None:
     journal = RecipientJournal(tmp_path / "journal", fsync=False)
 
     async def body(w: World) -> None:
-        first = DeliveryAgent(w.store, w.agent.config, clock=w.clock, journal=journal)
-        qid = await first.submit(
+        first = w.new_agent(journal=journal)
+        qid = await w.submit(
             MailFrom(address=SENDER),
             [RcptTo(address="ok@backup.test"), RcptTo(address="later@down.test")],
             MESSAGE,
+            agent=first,
         )
-        await first.run_once()
+        await w.run_once(first)
         assert len(mx.receivers["127.0.0.3"].messages) == 1
         # the process dies; a new agent starts on the same spool and journal
-        second = DeliveryAgent(w.store, w.agent.config, clock=w.clock, journal=journal)
-        assert await second.start() == [qid]
+        second = w.new_agent(journal=journal)
+        assert await w.start(second) == [qid]
         states = {s.recipient.address: s.status for s in second.scheduler.message(qid).recipients}
         assert states["ok@backup.test"] is RecipientStatus.DELIVERED
         assert states["later@down.test"] is RecipientStatus.PENDING
         backup = mx.start_receiver("127.0.0.6")
-        await second.run_once()
+        await w.run_once(second)
         assert only(backup.messages).recipients == ["later@down.test"]
         assert len(mx.receivers["127.0.0.3"].messages) == 1  # not a second time
         assert w.store.list() == [] and journal.list() == []
 
     try:
-        run(mx, tmp_path, body)
+        run(mx, tmp_path, body, kind=kind)
     finally:
         mx.stop_receiver("127.0.0.6")
 
 
+@over_agents
 def test_journal_ignores_a_torn_line_and_start_removes_finished_messages(
-    mx: Net, tmp_path: Path
+    mx: Net, tmp_path: Path, kind: str
 ) -> None:
     journal = RecipientJournal(tmp_path / "journal", fsync=False)
 
@@ -790,15 +874,13 @@ def test_journal_ignores_a_torn_line_and_start_removes_finished_messages(
         journal.record(torn_id, delivered[:1])
         with open(tmp_path / "journal" / torn_id, "ab") as f:
             f.write(b'{"address": "b@local.te')  # a crash mid-append
-        agent = DeliveryAgent(
-            w.store, w.agent.config, clock=w.clock, journal=journal, local=w.agent.local
-        )
-        assert await agent.start() == [torn_id]
+        agent = w.new_agent(journal=journal, local=w.agent.local)
+        assert await w.start(agent) == [torn_id]
         assert w.store.list() == [torn_id]  # the finished one is gone
-        await agent.run_once()
+        await w.run_once(agent)
         assert [p.parent.parent.name for p in w.maildirs.glob("local.test/*/new/*")] == ["b"]
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
 class LmtpMailboxes(Receiver):
@@ -814,7 +896,10 @@ class LmtpMailboxes(Receiver):
         ]
 
 
-def test_local_domains_can_go_over_lmtp_with_per_recipient_results(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_local_domains_can_go_over_lmtp_with_per_recipient_results(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     boxes = LmtpMailboxes()
     server = Controller(boxes, ServerConfig(hostname="store.test", lmtp=True))
     server.start()
@@ -822,7 +907,7 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(mx: Net, tmp_
 
     async def body(w: World) -> None:
         qid = await submit(w, "ok@local.test", "full@local.test")
-        await w.agent.run_once()
+        await w.run_once()
         got = only(boxes.messages)
         assert got.recipients == ["ok@local.test", "full@local.test"]
         (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
@@ -832,37 +917,39 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(mx: Net, tmp_
         assert list(w.maildirs.glob("*/*/new/*")) == []  # nothing went to the Maildirs
 
     try:
-        run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port))
+        run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port), kind=kind)
     finally:
         server.stop()
 
 
-def test_a_mail_loop_is_bounced_not_passed_on(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_mail_loop_is_bounced_not_passed_on(mx: Net, tmp_path: Path, kind: str) -> None:
     looped = b"".join(b"Received: from hop%d.test by x.test; now\r\n" % i for i in range(101))
 
     async def body(w: World) -> None:
-        await w.agent.submit(
+        await w.submit(
             MailFrom(address=SENDER), [RcptTo(address="bob@backup.test")], looped + MESSAGE
         )
-        await w.agent.run_once()
+        await w.run_once()
         assert mx.receivers["127.0.0.3"].sessions == 0
         (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
         assert rcpt.status == "5.4.6"
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
-def test_a_hundred_hops_are_still_delivered(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_a_hundred_hops_are_still_delivered(mx: Net, tmp_path: Path, kind: str) -> None:
     hops = b"".join(b"Received: from hop%d.test by x.test; now\r\n" % i for i in range(100))
 
     async def body(w: World) -> None:
-        await w.agent.submit(
+        await w.submit(
             MailFrom(address=SENDER), [RcptTo(address="bob@backup.test")], hops + MESSAGE
         )
-        await w.agent.run_once()
+        await w.run_once()
         assert only(mx.receivers["127.0.0.3"].messages).content == hops + MESSAGE
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
 # --- the I/O-free session against scripted replies ----------------------------------------------
@@ -1041,7 +1128,10 @@ def test_session_421_after_the_data_moves_on_like_a_dropped_connection() -> None
     assert job.walk.next_target() is not None
 
 
-def test_start_skips_what_it_cannot_read_and_queues_the_rest(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_start_skips_what_it_cannot_read_and_queues_the_rest(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
     async def body(w: World) -> None:
         env = SpoolEnvelope(
             sender=MailFrom(address=SENDER), recipients=(RcptTo(address="q@backup.test"),)
@@ -1049,11 +1139,11 @@ def test_start_skips_what_it_cannot_read_and_queues_the_rest(mx: Net, tmp_path: 
         good = w.store.put(env, [MESSAGE])
         bad = good[:-1] + ("1" if good[-1] != "1" else "2")
         os.mkdir(tmp_path / "spool" / "queue" / bad)  # a directory where a message should be
-        assert await w.agent.start() == [good]
-        await w.agent.run_once()
+        assert await w.start() == [good]
+        await w.run_once()
         assert only(mx.receivers["127.0.0.3"].messages).recipients == ["q@backup.test"]
 
-    run(mx, tmp_path, body)
+    run(mx, tmp_path, body, kind=kind)
 
 
 # --- property: no recipient is ever taken as delivered without a 2xx to its message -----------
@@ -1173,7 +1263,8 @@ def test_session_mail_refused_without_pipelining_moves_to_the_next_target() -> N
     assert "450 4.3.2 busy" in "\n".join(job.walk.trace)
 
 
-def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path) -> None:
+@over_agents
+def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path, kind: str) -> None:
     silent = socket.socket()  # accepts connections (backlog) and never says a word
     silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     silent.bind(("127.0.0.8", mx.port))
@@ -1182,8 +1273,7 @@ def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path)
     async def body(w: World) -> None:
         w.clock.now = time.time()  # run() sleeps in real time: keep the clocks together
         await submit(w, "stuck@drop.test")
-        async with anyio.create_task_group() as group:
-            group.start_soon(w.agent.run)
+        async with w.running():
             with anyio.fail_after(5):  # the hung session holds its slot for 60 s
                 while w.agent.scheduler.in_flight == 0:
                     await anyio.sleep(0.01)
@@ -1191,9 +1281,13 @@ def test_run_keeps_delivering_while_a_destination_hangs(mx: Net, tmp_path: Path)
                 while not mx.receivers["127.0.0.3"].messages:
                     await anyio.sleep(0.01)
             assert w.agent.scheduler.in_flight == 1  # the stuck one, still waiting
-            group.cancel_scope.cancel()
+        # stop() cut the hung session: its recipient is still queued, not lost
+        (stuck,) = [
+            m for m in w.agent.queue() if m.recipients[0].recipient.address.startswith("stuck")
+        ]
+        assert not stuck.recipients[0].status.is_final
 
     try:
-        run(mx, tmp_path, body, reply_timeout=60.0)
+        run(mx, tmp_path, body, reply_timeout=60.0, kind=kind)
     finally:
         silent.close()
