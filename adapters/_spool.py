@@ -58,7 +58,7 @@ import time
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from mailwire.adapters._driver import Handler, Session
 from mailwire.protocol._errors import LocalProtocolError
@@ -237,6 +237,60 @@ def _valid_id(queue_id: str) -> bool:
     return len(queue_id) == 20 and all(c in _ALPHABET for c in queue_id)
 
 
+# The subdirectory that marks each store format (see detect_format).
+FORMAT_MARKERS = {"files": "queue", "log": "segments"}
+
+
+def detect_format(directory: str | os.PathLike[str]) -> str | None:
+    """The store format of an existing spool directory.
+
+    Returns:
+        "files" (DirectoryStore), "log" (LogStore), or None when the directory holds neither
+        (missing or new).
+
+    Raises:
+        SpoolError: the directory holds both (a damaged or hand-made spool).
+    """
+    found = [
+        fmt
+        for fmt, marker in FORMAT_MARKERS.items()
+        if os.path.isdir(os.path.join(os.fspath(directory), marker))
+    ]
+    if len(found) > 1:
+        raise SpoolError(f"spool {os.fspath(directory)} holds both store formats")
+    return found[0] if found else None
+
+
+def open_spool_directory(
+    directory: str, store_format: str, subdirs: Sequence[str], *, fsync: bool
+) -> int:
+    """Create (or open) a spool directory of ``store_format`` and lock it for this process.
+
+    Returns:
+        The file descriptor holding the flock() (close it to release the spool).
+
+    Raises:
+        SpoolError: the directory is another format's spool, or is locked by another process.
+    """
+    existing = detect_format(directory)
+    if existing is not None and existing != store_format:
+        raise SpoolError(
+            f"spool {directory} is in the {existing!r} format, not {store_format!r}: open it "
+            f"with store_format={existing!r}"
+        )
+    for d in ("", *subdirs):
+        os.makedirs(os.path.join(directory, d), mode=0o700, exist_ok=True)
+    lock_fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        raise SpoolError(f"spool {directory} is in use by another process") from exc
+    if fsync:  # the subdirectories themselves must survive a crash
+        _fsync_dir(directory)
+    return lock_fd
+
+
 def _footer(content_len: int, env_len: int, crc: int) -> bytes:
     return b"%s %016x %08x %08x\n" % (_FOOTER_MAGIC, content_len, env_len, crc)
 
@@ -318,13 +372,124 @@ class _Writer:
 
 @dataclass(slots=True)
 class _Request:
-    writer: _Writer
-    envelope: SpoolEnvelope
+    writer: Any  # the backend's writer; None for a request that is not a new message
+    envelope: SpoolEnvelope | None
     queue_id: str
     future: concurrent.futures.Future[str] = field(default_factory=concurrent.futures.Future)
 
 
-class DirectoryStore:
+class GroupCommitter:
+    """The group-commit machinery shared by the store backends.
+
+    One committer thread takes every request waiting (at most ``max_batch``), drops those
+    whose waiter gave up (their message was never acknowledged), and hands the rest to the
+    backend's ``_commit(batch)``, which makes them durable together and settles each request's
+    future.  While a batch is on disk the next one gathers, so concurrent sessions share
+    flushes and a lone session pays one round.
+
+    Backends call ``_start_committer`` in their constructor, ``_enqueue`` to submit and
+    ``_stop_committer`` from close(); they implement ``_commit`` and ``_discard``.
+    """
+
+    max_batch: int
+    batches: int  # statistics: group commits done, requests committed
+    committed: int
+
+    def _start_committer(self, max_batch: int, name: str) -> None:
+        self.max_batch = max(1, max_batch)
+        self.batches = 0
+        self.committed = 0
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._closing = False
+        self._committer = threading.Thread(target=self._commit_loop, name=name, daemon=True)
+        self._committer.start()
+
+    def _enqueue(self, request: _Request) -> concurrent.futures.Future[str]:
+        """Queue a request for the next group commit.
+
+        Raises:
+            SpoolError: the store is closed.
+        """
+        with self._cond:
+            if self._closing:
+                raise SpoolError("store is closed")
+            self._pending.append(request)
+            self._cond.notify()
+        return request.future
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+            live = []
+            for r in batch:  # a cancelled waiter was never acknowledged: drop its message
+                if r.future.set_running_or_notify_cancel():
+                    live.append(r)
+                else:
+                    self._discard(r)
+            if live:
+                try:
+                    self._commit(live)
+                except Exception as exc:  # a bug: fail the batch rather than the thread
+                    log.exception("spool: group commit failed")
+                    for r in live:
+                        if not r.future.done():
+                            r.future.set_exception(SpoolError(f"could not store: {exc}"))
+
+    def _stop_committer(self) -> bool:
+        """Commit what is pending and stop the committer; False if it was already stopped."""
+        with self._cond:
+            if self._closing:
+                return False
+            self._closing = True
+            self._cond.notify()
+        self._committer.join()
+        return True
+
+    def begin(self) -> MessageWriter:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def put(self, envelope: SpoolEnvelope, chunks: Iterable[bytes]) -> str:
+        """Store a whole message durably.
+
+        Returns:
+            The queue ID.
+
+        Raises:
+            SpoolError: the message could not be stored.
+        """
+        writer = self.begin()
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit(envelope).result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _commit(self, batch: list[_Request]) -> None:
+        raise NotImplementedError
+
+    def _discard(self, request: _Request) -> None:
+        raise NotImplementedError
+
+
+class DirectoryStore(GroupCommitter):
     """The spool directory backend of MessageStore, with group commit.
 
     Args:
@@ -359,23 +524,13 @@ class DirectoryStore:
         self.tmp_dir = os.path.join(self.directory, "tmp")
         self.queue_dir = os.path.join(self.directory, "queue")
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
-        self.max_batch = max(1, max_batch)
         self.fsync = fsync
         self.spill = spill
         self.ids = QueueIds()
-        for d in (self.directory, self.tmp_dir, self.queue_dir, self.corrupt_dir, self.free_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        self._lock_fd = os.open(
-            os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        self._lock_fd = open_spool_directory(
+            self.directory, "files", ("tmp", "queue", "corrupt", "free"), fsync=fsync
         )
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._lock_fd)
-            raise SpoolError(f"spool {self.directory} is in use by another process") from exc
         self._queue_fd = os.open(self.queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if self.fsync:  # the subdirectories themselves must survive a crash
-            _fsync_dir(self.directory)
         self._free = [n for n in os.listdir(self.free_dir) if not n.startswith(".")]
         for _ in range(max(0, preallocate - len(self._free))):
             name = secrets.token_hex(12)
@@ -384,15 +539,7 @@ class DirectoryStore:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max(1, workers), thread_name_prefix="mailwire-spool-fsync"
         )
-        self._cond = threading.Condition()
-        self._pending: list[_Request] = []
-        self._closing = False
-        self._committer = threading.Thread(
-            target=self._commit_loop, name="mailwire-spool-committer", daemon=True
-        )
-        self._committer.start()
-        self.batches = 0  # statistics: group commits done, messages committed
-        self.committed = 0
+        self._start_committer(max_batch, "mailwire-spool-committer")
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -404,53 +551,17 @@ class DirectoryStore:
         """
         return _Writer(self)
 
-    def put(self, envelope: SpoolEnvelope, chunks: Iterable[bytes]) -> str:
-        """Store a whole message durably.
-
-        Returns:
-            The queue ID.
-
-        Raises:
-            SpoolError: the message could not be stored.
-        """
-        writer = self.begin()
+    def _submit(self, writer: _Writer, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
         try:
-            for chunk in chunks:
-                writer.write(chunk)
-        except BaseException:
+            return self._enqueue(_Request(writer, envelope, self.ids.new(envelope.arrival or None)))
+        except SpoolError:
+            writer.done = False
             writer.abort()
             raise
-        return writer.commit(envelope).result()
 
-    def _submit(self, writer: _Writer, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
-        request = _Request(writer, envelope, self.ids.new(envelope.arrival or None))
-        with self._cond:
-            if self._closing:
-                writer.done = False
-                writer.abort()
-                raise SpoolError("store is closed")
-            self._pending.append(request)
-            self._cond.notify()
-        return request.future
-
-    def _commit_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-            live = []
-            for r in batch:  # a cancelled waiter was never acknowledged: drop its message
-                if r.future.set_running_or_notify_cancel():
-                    live.append(r)
-                else:
-                    r.writer.done = False
-                    r.writer.abort()
-            if live:
-                self._commit(live)
+    def _discard(self, request: _Request) -> None:
+        request.writer.done = False
+        request.writer.abort()
 
     def _commit(self, batch: list[_Request]) -> None:
         def finish(r: _Request) -> None:
@@ -592,21 +703,11 @@ class DirectoryStore:
 
     def close(self) -> None:
         """Commit what is pending, stop the committer, release the lock."""
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._cond.notify()
-        self._committer.join()
+        if not self._stop_committer():
+            return
         self._pool.shutdown()
         os.close(self._queue_fd)
         os.close(self._lock_fd)
-
-    def __enter__(self) -> DirectoryStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _parse(data: bytes, queue_id: str) -> tuple[SpoolEnvelope, bytes]:
@@ -662,6 +763,39 @@ def _unlink_quietly(path: str) -> None:
             log.warning("spool: could not remove %s: %s", path, exc)
 
 
+STORE_FORMATS = ("files", "log", "auto")
+
+
+def open_store(
+    directory: str | os.PathLike[str], store_format: str = "files", **options: Any
+) -> MessageStore:
+    """Open the spool directory with the chosen backend.
+
+    Args:
+        directory: the spool directory (created if missing).
+        store_format: "files" (DirectoryStore), "log" (LogStore, adapters/_segstore.py) or
+            "auto" (whatever the directory already holds; "files" for a new one).
+        **options: keyword arguments of that backend's constructor.
+
+    Returns:
+        The store; call recover() before using it.
+
+    Raises:
+        SpoolError: the directory holds the other format (a spool is never converted
+            implicitly), or is in use by another process.
+        ValueError: unknown store_format.
+    """
+    if store_format not in STORE_FORMATS:
+        raise ValueError(f"store_format must be one of {STORE_FORMATS}, not {store_format!r}")
+    if store_format == "auto":
+        store_format = detect_format(directory) or "files"
+    if store_format == "log":
+        from mailwire.adapters._segstore import LogStore  # imports this module
+
+        return LogStore(directory, **options)
+    return DirectoryStore(directory, **options)
+
+
 # --- the Handler --------------------------------------------------------------------------------
 
 
@@ -678,12 +812,23 @@ class SpoolHandler(Handler):
 
     Args:
         directory: the spool directory, or a ready MessageStore.
-        **options: passed to DirectoryStore (max_batch, fsync, spill, workers).
+        store_format: "files" (DirectoryStore, one file per message), "log" (LogStore, a
+            segment log) or "auto" (an existing spool's format, else "files"); see open_store.
+        **options: passed to the store (max_batch, fsync, spill, ...).
+
+    Raises:
+        SpoolError: the directory is another format's spool, or in use.
+        ValueError: unknown store_format.
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | MessageStore, **options: int) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | MessageStore,
+        store_format: str = "files",
+        **options: int,
+    ) -> None:
         if isinstance(directory, (str, os.PathLike)):
-            self.store: MessageStore = DirectoryStore(directory, **options)  # type: ignore[arg-type]
+            self.store: MessageStore = open_store(directory, store_format, **options)
         else:
             self.store = directory
         self.recovered = self.store.recover()
