@@ -51,13 +51,15 @@ import fcntl
 import json
 import logging
 import os
+import random
 import secrets
 import sys
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, Self, runtime_checkable
 
 from mailwire.adapters._driver import Handler, Session
@@ -103,8 +105,14 @@ class SpoolEnvelope:
     size: int = 0
 
     def to_json(self) -> bytes:
-        """The envelope as UTF-8 JSON."""
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+        """The envelope as UTF-8 JSON (what ``json.dumps(dataclasses.asdict(self))`` gives,
+        built shallowly: asdict's deep copy costs more than the rest of a commit)."""
+        d = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        d["sender"] = {name: getattr(self.sender, name) for name in _SENDER_FIELDS}
+        d["recipients"] = [
+            {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients
+        ]
+        return _ENCODER.encode(d).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> SpoolEnvelope:
@@ -143,6 +151,12 @@ class SpoolEnvelope:
             raise ValueError(f"bad envelope: {exc!r}") from exc
         except LocalProtocolError as exc:  # the event constructors refuse a damaged field
             raise ValueError(f"bad envelope: {exc}") from exc
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(SpoolEnvelope))
+_SENDER_FIELDS = tuple(f.name for f in fields(MailFrom))
+_RCPT_FIELDS = tuple(f.name for f in fields(RcptTo))
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _pairs(items: Sequence[Sequence[str | None]]) -> tuple[tuple[str, str | None], ...]:
@@ -215,6 +229,9 @@ class QueueIds:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last = 0
+        # the random part only has to differ between processes: seeded from the OS once,
+        # then a cheap generator (secrets.randbits reads /dev/urandom: a syscall per ID)
+        self._random = random.Random(secrets.randbits(128))
 
     def new(self, now: float | None = None) -> str:
         """A fresh queue ID (20 characters of Crockford base 32)."""
@@ -222,7 +239,8 @@ class QueueIds:
         with self._lock:
             micros = max(micros, self._last + 1)
             self._last = micros
-        return _b32(micros, 11) + _b32(secrets.randbits(45), 9)
+            salt = self._random.getrandbits(45)
+        return _b32(micros, 11) + _b32(salt, 9)
 
 
 def _b32(n: int, width: int) -> str:
@@ -831,6 +849,8 @@ class SpoolHandler(Handler):
             self.store: MessageStore = open_store(directory, store_format, **options)
         else:
             self.store = directory
+        # per event loop (asyncio loop or trio token): wake-ups of sessions waiting for a commit
+        self._wakeups: weakref.WeakKeyDictionary[object, _Wakeups] = weakref.WeakKeyDictionary()
         self.recovered = self.store.recover()
 
     def close(self) -> None:
@@ -878,7 +898,18 @@ class SpoolHandler(Handler):
     async def _await_asyncio(
         self, session: Session, env: SpoolEnvelope, future: concurrent.futures.Future[str]
     ) -> Reply:
-        await asyncio.shield(asyncio.wrap_future(future))
+        loop = asyncio.get_running_loop()
+        wakeups = self._wakeups.get(loop)
+        if wakeups is None:
+            wakeups = self._wakeups[loop] = _Wakeups(loop.call_soon_threadsafe)
+        waiter = loop.create_future()
+
+        def ready() -> None:  # on the loop; the session may have been cancelled meanwhile
+            if not waiter.done():
+                waiter.set_result(None)
+
+        future.add_done_callback(lambda _: wakeups.add(ready))
+        await waiter  # cancelling the session does not cancel the commit
         return self._settle(session, env, future)
 
     async def _await_trio(
@@ -887,15 +918,11 @@ class SpoolHandler(Handler):
         import trio
 
         token = trio.lowlevel.current_trio_token()
+        wakeups = self._wakeups.get(token)
+        if wakeups is None:
+            wakeups = self._wakeups[token] = _Wakeups(token.run_sync_soon)
         done = trio.Event()
-
-        def wake(_: object) -> None:
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        future.add_done_callback(wake)
+        future.add_done_callback(lambda _: wakeups.add(done.set))
         await done.wait()
         return self._settle(session, env, future)
 
@@ -920,6 +947,44 @@ class SpoolHandler(Handler):
     def _failed(self, session: Session, exc: BaseException) -> Reply:
         log.error("%s could not store message: %s", session.id, exc)
         return Reply(code=451, text="4.3.0 Local error: message not stored, try again later")
+
+
+class _Wakeups:
+    """Runs callbacks on an event loop for the committer thread, with one wake-up of the loop
+    for all the callbacks that arrive before it runs them: a group commit releases many
+    sessions at once, and waking the loop once per message (a write to its self-pipe, an
+    extra loop iteration) cost more CPU than storing the message.
+
+    Args:
+        call_soon_threadsafe: the loop's thread-safe scheduler (asyncio's
+            ``loop.call_soon_threadsafe`` or trio's ``token.run_sync_soon``).
+    """
+
+    def __init__(self, call_soon_threadsafe: Callable[[Callable[[], None]], object]) -> None:
+        self._schedule = call_soon_threadsafe
+        self._lock = threading.Lock()
+        self._ready: list[Callable[[], None]] = []
+        self._scheduled = False
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop soon (from any thread)."""
+        with self._lock:
+            self._ready.append(callback)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._schedule(self._run)
+        except Exception:  # the loop is gone (closed asyncio loop, finished trio run)
+            with self._lock:
+                self._scheduled = False
+
+    def _run(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for callback in ready:
+            callback()
 
 
 def _async_runtime() -> str | None:

@@ -13,8 +13,9 @@ once so repetitions can be interleaved.
 Servers (NAMES): Postfix's ``smtp-sink`` (C, discards), ``aiosmtpd`` with a do-nothing
 handler, mailwire on each runtime with a handler that discards the message
 (``mailwire-asyncio``, ``mailwire-asyncio-uvloop``, ``mailwire-trio``, ``mailwire-threads``)
-and mailwire with the durable spool (``mailwire-spool-<runtime>``, fsync on; the spool
-directory is the optional DIR).
+and mailwire with the durable spool, fsync on: ``mailwire-spool-<runtime>`` with the
+one-file-per-message DirectoryStore, ``mailwire-log-<runtime>`` with the segment-log
+LogStore (adapters/_segstore.py); the spool directory is the optional DIR.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ NAMES = (
     "mailwire-trio",
     "mailwire-threads",
     *(f"mailwire-spool-{r}" for r in RUNTIMES),
+    *(f"mailwire-log-{r}" for r in RUNTIMES),
 )
 SENDER = "from@source.example"
 RECIPIENT = "to@sink.example"
@@ -181,7 +183,7 @@ class Peers:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, text=True)
             _wait_listening(port, proc)
         else:
-            if name.startswith("mailwire-spool") and spool_dir is None:
+            if _durable(name) and spool_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="mailwire-bench-spool-")
                 self.tmpdirs.append(tmp)
                 spool_dir = tmp.name
@@ -318,6 +320,11 @@ def _postfix_child(pid: str, directory: str) -> bool:
         return False
 
 
+def _durable(name: str) -> bool:
+    """A mailwire server with a durable store (spool or log)."""
+    return name.startswith(("mailwire-spool-", "mailwire-log-"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -421,9 +428,14 @@ def _serve_mailwire(name: str, spool_dir: str | None) -> None:
     from mailwire.adapters._driver import Handler
     from mailwire.protocol import ServerConfig
 
-    runtime = name.rsplit("-", 1)[-1] if "spool" in name else name.split("-")[1]
+    runtime = name.rsplit("-", 1)[-1] if _durable(name) else name.split("-")[1]
     handler: Handler
-    if "spool" in name:
+    if name.startswith("mailwire-log-"):
+        from mailwire.adapters._spool import SpoolHandler
+
+        assert spool_dir is not None
+        handler = SpoolHandler(spool_dir, store_format="log")
+    elif _durable(name):
         from mailwire.adapters._spool import SpoolHandler
 
         assert spool_dir is not None

@@ -4,6 +4,14 @@ spool with fsync on (issue 6).
 
     python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool | --spool-only]
         [--spool-preallocate N] [--no-postfix] [--no-reuse] [--spool-dir DIR]
+        [--stores files,log]
+
+The durable table compares both spool backends with Postfix: ``spool-*`` is DirectoryStore
+(a file per message), ``log-*`` is LogStore (a segment log, adapters/_segstore.py).  Before
+it, a probe measures the disk's state where the spools live (kernel CPU to create an empty
+file, latency of a 1 KB append + fdatasync) and calls it warm or cold: on this machine's
+journal-less ext4, creating files right after many deletions is slow for minutes, which
+hurts any file-per-message store (DirectoryStore, Postfix) but not the log.
 
 Each server runs in its own process; repetitions are interleaved (every server once per
 round) and the table shows the median messages/s of the rounds and ratios computed from those
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,6 +62,9 @@ SHORT = {
     "mailwire-spool-asyncio": "spool-asyncio",
     "mailwire-spool-trio": "spool-trio",
     "mailwire-spool-threads": "spool-threads",
+    "mailwire-log-asyncio": "log-asyncio",
+    "mailwire-log-trio": "log-trio",
+    "mailwire-log-threads": "log-threads",
     "postfix": "postfix",
 }
 
@@ -130,6 +142,36 @@ def table(
     return "\n".join(lines + (["failures:"] + errors if errors and not digits else []))
 
 
+def disk_probe(parent: str, files: int = 200) -> str:
+    """One line on the state of the disk under ``parent``: kernel CPU per file creation
+    (fsync of the directory included), median 1 KB append + fdatasync, and warm/cold (cold:
+    creating a file costs >= 300 us of kernel CPU, the slow state after mass deletions)."""
+    d = tempfile.mkdtemp(prefix="mailwire-probe-", dir=parent)
+    try:
+        before = os.times()
+        for i in range(files):
+            os.close(os.open(os.path.join(d, f"f{i}"), os.O_WRONLY | os.O_CREAT, 0o600))
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+        create_us = (os.times().system - before.system) / files * 1e6
+        fd = os.open(os.path.join(d, "f0"), os.O_WRONLY | os.O_APPEND)
+        lat = []
+        for _ in range(50):
+            os.write(fd, b"x" * 1024)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            lat.append(time.perf_counter() - t)
+        os.close(fd)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    state = "cold" if create_us >= 300 else "warm"
+    return (
+        f"disk probe in {parent}: {create_us:.0f} us kernel CPU per file creation, "
+        f"{statistics.median(lat) * 1e3:.2f} ms per 1 KB append + fdatasync (median): {state}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="rounds (median is reported)")
@@ -147,6 +189,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-postfix", action="store_true", help="skip the private Postfix instance"
+    )
+    parser.add_argument(
+        "--stores",
+        default="files,log",
+        help="spool backends in the durable table: files (DirectoryStore), log (LogStore)",
     )
     args = parser.parse_args()
     if not have_smtp_source():
@@ -194,7 +241,13 @@ def main() -> None:
 
         if not args.no_spool:
             spool_parent = args.spool_dir or tempfile.gettempdir()
-            spool_names = [f"mailwire-spool-{r}" for r in ("asyncio", "trio", "threads")]
+            stores = args.stores.split(",")
+            spool_names = [
+                f"mailwire-{prefix}-{r}"
+                for store, prefix in (("files", "spool"), ("log", "log"))
+                if store in stores
+                for r in ("asyncio", "trio", "threads")
+            ]
             tmp = tempfile.TemporaryDirectory(prefix="mailwire-spools-", dir=spool_parent)
             env = {"MAILWIRE_BENCH_SPOOL_PREALLOCATE": str(args.spool_preallocate)}
             for name in spool_names:
@@ -204,12 +257,16 @@ def main() -> None:
                 peers.start("postfix", spool_parent)
                 spool_names.append("postfix")
                 spool_ratios = [(f"{SHORT[n]}/postfix", n, "postfix") for n in spool_names[:-1]]
+            probe_before = disk_probe(spool_parent)
             start = time.perf_counter()
             results, cpu = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
-            print(f"\n## durable acceptance, fsync on, in {spool_parent}: mailwire's spool (file +")
-            print("## directory fsync, group commit) vs Postfix (smtpd -> cleanup, fsync per file;")
+            print(f"\n## durable acceptance, fsync on, in {spool_parent}: mailwire's spool-* (file")
+            print("## per message + directory fsync, group commit) and log-* (segment log, one")
+            print("## fdatasync per group commit) vs Postfix (smtpd -> cleanup, fsync per file;")
             print("## qmgr to discard). Target (issue 6): >= 3x Postfix on 1 KB, 20 sessions.")
-            print(f"## Spool preallocation: {args.spool_preallocate} files.\n")
+            print(f"## Spool preallocation (spool-* only): {args.spool_preallocate} files.")
+            print(f"## before: {probe_before}")
+            print(f"## after:  {disk_probe(spool_parent)}\n")
             print(table(spool_names, SPOOL_CASES, results, spool_ratios))
             print(
                 "\nserver CPU us/message (Postfix: all its processes, delivery to discard too):\n"
