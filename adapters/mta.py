@@ -9,9 +9,12 @@ local Maildir delivery, as one object.
 
 Data flow: the server (adapters/cli.py's build(): runtime, TLS, limits, relay policy in front
 of SpoolHandler) stores every accepted message durably before 250; the store is wrapped so
-that each commit also hands (queue ID, envelope) to the delivery agent
-(adapters/_delivery_anyio.py), which runs on its own event loop thread (anyio: asyncio, or
-trio when the server runs on trio; the threads server delivers with asyncio).  Local domains
+that each commit also hands (queue ID, envelope) to the delivery agent, which runs on the
+server's runtime (``--runtime``; DeliverySettings.runtime may override it): on asyncio or trio
+the anyio agent (adapters/_delivery_anyio.py) on its own event loop thread, reached through an
+anyio portal; on threads the blocking agent (adapters/_delivery_threads.py) in a plain thread,
+called directly (it is thread-safe).  Both run the same decisions (adapters/_agent.py), so
+queue control, metrics and stop() behave the same.  Local domains
 are delivered to ``<maildir>/<domain>/<local part>/`` (adapters/_maildir.py) or to a callable
 given when embedding; every other domain by MX (DNS through dnspython, nameservers
 configurable) on ``delivery_port``.  At start-up every message left in the spool is queued
@@ -44,8 +47,10 @@ from typing import Any, TypeVar
 
 import anyio.from_thread
 
+from mailwire.adapters._agent import AgentCore, LocalDeliver
 from mailwire.adapters._delivery import DeliveryConfig, RecipientJournal, TLSPolicy
-from mailwire.adapters._delivery_anyio import DeliveryAgent, LocalDeliver
+from mailwire.adapters._delivery_anyio import DeliveryAgent
+from mailwire.adapters._delivery_threads import BlockingDeliveryAgent
 from mailwire.adapters._driver import BaseController
 from mailwire.adapters._maildir import MaildirDelivery
 from mailwire.adapters._spool import (
@@ -141,8 +146,8 @@ class DeliverySettings:
         maildir: the root of local Maildirs (``<root>/<domain>/<local part>/``).
         relayhost: send all non-local mail through this smarthost (``"[host]:587"``), or "".
         outbound_tls: opportunistic STARTTLS on outbound connections.
-        runtime: the delivery event loop, "asyncio" or "trio" ("" : the server's runtime,
-            asyncio for the threads server).
+        runtime: where delivery runs: "asyncio" or "trio" (the anyio agent), "threads" (the
+            blocking agent); "" : the server's runtime.
         lifetime, first_retry, delay_warning: the retry policy, seconds (RFC 5321 4.5.4.1).
         connect_timeout, reply_timeout: outbound timeouts, seconds.
         destination_concurrency: simultaneous deliveries per destination domain.
@@ -183,6 +188,102 @@ def _nameserver(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _AgentHost:
+    """Where the delivery agent runs, and how other threads reach it (the MTA's only
+    difference between the runtimes)."""
+
+    agent: AgentCore
+
+    def start(self) -> builtins.list[str]:
+        """Queue the spool's messages, then run the agent in the background."""
+        raise NotImplementedError
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run a synchronous agent method where the agent may be touched."""
+        raise NotImplementedError
+
+    def delete(self, queue_id: str) -> MessageState:
+        raise NotImplementedError
+
+    def enqueue(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        """Queue a committed message without waiting (RuntimeError once stopped)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the agent (deliveries in flight are cut; their messages stay queued)."""
+        raise NotImplementedError
+
+
+class _PortalHost(_AgentHost):
+    """The anyio agent on its own event loop thread, reached through a blocking portal."""
+
+    def __init__(self, agent: DeliveryAgent, runtime: str) -> None:
+        self.agent = self._agent = agent
+        self._cm = anyio.from_thread.start_blocking_portal(
+            "trio" if runtime == "trio" else "asyncio"
+        )
+        self._portal = self._cm.__enter__()
+        self._run: concurrent.futures.Future[None] | None = None
+
+    def start(self) -> builtins.list[str]:
+        ids = self._portal.call(self._agent.start)
+        self._run = self._portal.start_task_soon(self._agent.run)
+        return ids
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return self._portal.call(_sync, fn)
+
+    def delete(self, queue_id: str) -> MessageState:
+        return self._portal.call(self._agent.delete, queue_id)
+
+    def enqueue(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        self._portal.start_task_soon(_enqueue, self._agent, queue_id, envelope)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._portal.call(_sync, self._agent.stop)
+            if self._run is not None:
+                self._run.result(timeout=10)
+        if self._run is not None:
+            self._run.cancel()
+        with contextlib.suppress(Exception):
+            self._cm.__exit__(None, None, None)
+
+
+class _ThreadHost(_AgentHost):
+    """The blocking agent: run() in a plain thread, every other method called directly."""
+
+    def __init__(self, agent: BlockingDeliveryAgent) -> None:
+        self.agent = self._agent = agent
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def start(self) -> builtins.list[str]:
+        ids = self._agent.start()
+        self._thread = threading.Thread(
+            target=self._agent.run, name="mailwire-delivery-scheduler", daemon=True
+        )
+        self._thread.start()
+        return ids
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def delete(self, queue_id: str) -> MessageState:
+        return self._agent.delete(queue_id)
+
+    def enqueue(self, queue_id: str, envelope: SpoolEnvelope) -> None:
+        if self._stopped:
+            raise RuntimeError("the delivery agent is stopped")
+        self._agent.enqueue(queue_id, envelope)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._agent.stop()
+        if self._thread is not None:
+            self._thread.join(self._agent.join_timeout + 5)
+
+
 class MTA:
     """Server + spool + delivery agent + local delivery (see the module docstring).
 
@@ -206,10 +307,8 @@ class MTA:
         self.local = local
         self.fsync = fsync
         self.controller: BaseController | None = None
-        self.agent: DeliveryAgent | None = None
-        self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal]
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._run_future: concurrent.futures.Future[None] | None = None
+        self.agent: AgentCore | None = None
+        self._host: _AgentHost | None = None
         self._control: _ControlServer | None = None
         self._metrics: _MetricsServer | None = None
         self.accepted = 0
@@ -272,17 +371,30 @@ class MTA:
         journal = RecipientJournal(
             self.delivery.journal or os.path.join(settings.spool, "journal"), fsync=self.fsync
         )
-        self.agent = agent = DeliveryAgent(
-            handler.store, config, local=local, clock=time.time, journal=journal
-        )
-        runtime = self.delivery.runtime or ("trio" if settings.runtime == "trio" else "asyncio")
-        self._portal_cm = anyio.from_thread.start_blocking_portal(runtime)
-        self._portal = portal = self._portal_cm.__enter__()
+        runtime = self.delivery.runtime or settings.runtime
+        host: _AgentHost
+        if runtime == "threads":
+            host = _ThreadHost(
+                BlockingDeliveryAgent(
+                    handler.store, config, local=local, clock=time.time, journal=journal
+                )
+            )
+        else:
+            host = _PortalHost(
+                DeliveryAgent(handler.store, config, local=local, clock=time.time, journal=journal),
+                runtime,
+            )
+        self.agent, self._host = host.agent, host
         handler.store = NotifyingStore(handler.store, self._committed)
         try:
-            ids = portal.call(agent.start)
-            log.info("delivery agent on %s: %d message(s) queued from the spool", runtime, len(ids))
-            self._run_future = portal.start_task_soon(agent.run)
+            began = time.monotonic()
+            ids = host.start()
+            log.info(
+                "delivery agent on %s: recovered %d message(s) from the spool in %.2f s",
+                runtime,
+                len(ids),
+                time.monotonic() - began,
+            )
             path = self.delivery.control_socket or os.path.join(settings.spool, "control.sock")
             if path != "-":
                 try:
@@ -332,12 +444,11 @@ class MTA:
 
     def _committed(self, queue_id: str, envelope: SpoolEnvelope) -> None:
         self.accepted += 1
-        portal = self._portal
-        agent = self.agent
-        if portal is None or agent is None:
+        host = self._host
+        if host is None:
             return  # stopping: the message stays in the spool for the next start
         try:
-            portal.start_task_soon(_enqueue, agent, queue_id, envelope)
+            host.enqueue(queue_id, envelope)
         except RuntimeError:
             log.warning("%s: not queued (delivery agent stopped); kept in the spool", queue_id)
 
@@ -354,46 +465,42 @@ class MTA:
             metrics.close()
         if controller is not None:
             controller.stop(grace=grace)
-        portal, self._portal = self._portal, None
-        if portal is not None:
-            if self._run_future is not None:
-                self._run_future.cancel()
-            with contextlib.suppress(Exception):
-                self._portal_cm.__exit__(None, None, None)
+        host, self._host = self._host, None
+        if host is not None:
+            host.stop()
         if controller is not None and isinstance(controller.handler, SpoolHandler):
             controller.handler.close()
 
     # --- queue management, callable from any thread (the queue CLI's verbs) --------------
 
-    def _agent_portal(self) -> tuple[DeliveryAgent, anyio.from_thread.BlockingPortal]:
-        if self.agent is None or self._portal is None:
+    def _running(self) -> _AgentHost:
+        if self._host is None:
             raise RuntimeError("the MTA is not running")
-        return self.agent, self._portal
+        return self._host
 
     def queue(self) -> list[MessageState]:
         """Every queued message's state."""
-        agent, portal = self._agent_portal()
-        return portal.call(_sync, agent.queue)
+        host = self._running()
+        return host.call(host.agent.queue)
 
     def flush(self, queue_id: str | None = None) -> None:
         """Retry one message (or all) now.  KeyError if not queued."""
-        agent, portal = self._agent_portal()
-        portal.call(_sync, partial(agent.flush, queue_id))
+        host = self._running()
+        host.call(partial(host.agent.flush, queue_id))
 
     def hold(self, queue_id: str) -> None:
         """Hold a message.  KeyError if not queued."""
-        agent, portal = self._agent_portal()
-        portal.call(_sync, partial(agent.hold, queue_id))
+        host = self._running()
+        host.call(partial(host.agent.hold, queue_id))
 
     def release(self, queue_id: str) -> None:
         """Release a held message.  KeyError if not queued."""
-        agent, portal = self._agent_portal()
-        portal.call(_sync, partial(agent.release, queue_id))
+        host = self._running()
+        host.call(partial(host.agent.release, queue_id))
 
     def delete(self, queue_id: str) -> MessageState:
         """Delete a message from the queue and the spool.  KeyError if not queued."""
-        agent, portal = self._agent_portal()
-        return portal.call(agent.delete, queue_id)
+        return self._running().delete(queue_id)
 
     def __enter__(self) -> MTA:
         self.start()
@@ -692,7 +799,7 @@ async def _sync(fn: Callable[[], T]) -> T:
     return fn()
 
 
-async def _enqueue(agent: DeliveryAgent, queue_id: str, envelope: SpoolEnvelope) -> None:
+async def _enqueue(agent: AgentCore, queue_id: str, envelope: SpoolEnvelope) -> None:
     agent.enqueue(queue_id, envelope)
 
 

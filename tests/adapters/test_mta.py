@@ -80,6 +80,11 @@ def net() -> Iterator[Net]:
                 c.stop()
 
 
+over_runtimes = pytest.mark.parametrize("runtime", ["asyncio", "trio", "threads"])
+"""The MTA delivers on its server's runtime: the anyio agent on asyncio and trio, the blocking
+agent on threads; every behaviour below must be the same on all three."""
+
+
 def settings(tmp_path: Path, runtime: str = "asyncio") -> Settings:
     return Settings(
         runtime=runtime,
@@ -101,7 +106,7 @@ def delivery(net: Net, tmp_path: Path) -> DeliverySettings:
     )
 
 
-@pytest.mark.parametrize("runtime", ["asyncio", "trio", "threads"])
+@over_runtimes
 def test_mta_relays_by_mx_and_delivers_local_mail_to_maildir(
     net: Net, tmp_path: Path, runtime: str
 ) -> None:
@@ -160,17 +165,27 @@ import logging, sys
 from mailwire.adapters.cli import Settings
 from mailwire.adapters.mta import DeliverySettings, run_mta
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-spool, dns, port, mail = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-settings = Settings(listen=["127.0.0.1:0"], hostname="mta.test", spool=spool)
+spool, dns, port, mail, runtime = sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:6]
+settings = Settings(listen=["127.0.0.1:0"], hostname="mta.test", spool=spool, runtime=runtime)
 sys.exit(run_mta(settings, DeliverySettings(delivery_port=port, nameservers=[dns],
                  maildir=mail, connect_timeout=2.0)))
 """
 
 
-def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> None:
+@over_runtimes
+def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path, runtime: str) -> None:
     spool = str(tmp_path / "spool")
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, spool, f"127.0.0.1:{net.dns.port}", str(net.port), "m"],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            spool,
+            f"127.0.0.1:{net.dns.port}",
+            str(net.port),
+            "m",
+            runtime,
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -197,7 +212,7 @@ def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> N
             child.stderr.close()
     assert len(os.listdir(os.path.join(spool, "queue"))) == 1
     later = net.receiver("127.0.0.5")  # the MX comes back
-    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), fsync=False)
     mta.start()
     try:
         assert eventually(lambda: len(later.messages) == 1)
@@ -208,8 +223,9 @@ def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path) -> N
         mta.stop()
 
 
-def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path) -> None:
-    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+@over_runtimes
+def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path, runtime: str) -> None:
+    mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), fsync=False)
     mta.start()
     try:
         host, port = mta.addresses[0]
@@ -224,8 +240,13 @@ def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path) -> None:
                 if all(r.status.value == "deferred" for r in m.recipients)
             ]
 
-        # 127.0.0.5 is down: one attempt fails, and the destination backs off for the other
-        assert eventually(lambda: len(mta.queue()) == 2 and len(deferred()) >= 1)
+        def settled() -> bool:
+            queue = mta.queue()
+            return len(queue) == 2 and not any(m.active for m in queue) and len(deferred()) >= 1
+
+        # 127.0.0.5 is down: an attempt fails, and the destination backs off for the other
+        # (nothing in flight any more, so nothing is delivered before the flush below)
+        assert eventually(settled)
         drop, keep = (
             m.message.queue_id
             for m in sorted(mta.queue(), key=lambda m: m.message.recipients[0].address)
@@ -247,8 +268,9 @@ def test_queue_verbs_work_while_the_mta_runs(net: Net, tmp_path: Path) -> None:
         mta.stop()
 
 
-def test_queue_verbs_over_the_control_socket(net: Net, tmp_path: Path) -> None:
-    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+@over_runtimes
+def test_queue_verbs_over_the_control_socket(net: Net, tmp_path: Path, runtime: str) -> None:
+    mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), fsync=False)
     mta.start()
     sock = str(tmp_path / "spool" / "control.sock")
     try:
@@ -276,11 +298,12 @@ def test_queue_verbs_over_the_control_socket(net: Net, tmp_path: Path) -> None:
     assert not os.path.exists(sock)
 
 
-def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path) -> None:
+@over_runtimes
+def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path, runtime: str) -> None:
     remote = net.receiver("127.0.0.3")
     d = delivery(net, tmp_path)
     d.metrics_listen = "127.0.0.1:0"
-    mta = MTA(settings(tmp_path), d, fsync=False)
+    mta = MTA(settings(tmp_path, runtime), d, fsync=False)
     mta.start()
     try:
         host, port = mta.addresses[0]
@@ -324,12 +347,13 @@ def test_cli_glue_reads_delivery_options_and_the_toml_table() -> None:
         delivery_settings({"delivery_port": "25"}, {})
 
 
+@over_runtimes
 def test_queue_main_prints_a_mailq_table_and_json(
-    net: Net, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    net: Net, tmp_path: Path, capsys: pytest.CaptureFixture[str], runtime: str
 ) -> None:
     spool = str(tmp_path / "spool")
     assert queue_main(spool, "list", None) == 3  # nothing running
-    mta = MTA(settings(tmp_path), delivery(net, tmp_path), fsync=False)
+    mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), fsync=False)
     mta.start()
     try:
         capsys.readouterr()
