@@ -11,7 +11,8 @@
 #   * protocol/_dsn.py writes the bounce.
 # This module only connects them.  DeliverySession chains SessionSetup, a MailTransaction
 # whose envelope is fitted to what the server offers, and QUIT, behind the loop every runtime
-# runs (see adapters/_delivery_anyio.py):
+# runs (adapters/_delivery_anyio.py on asyncio/trio, adapters/_delivery_threads.py on blocking
+# sockets; the agent logic around it is adapters/_agent.py's, written once):
 #
 #     job = DeliverySession(walk, ...)
 #     while True:

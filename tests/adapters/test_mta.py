@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from mailwire.adapters._delivery_anyio import DeliveryAgent
+from mailwire.adapters._delivery_threads import BlockingDeliveryAgent
 from mailwire.adapters._maildir import MaildirDelivery
 from mailwire.adapters.cli import Settings
 from mailwire.adapters.mta import (
@@ -140,6 +142,32 @@ def test_mta_relays_by_mx_and_delivers_local_mail_to_maildir(
         assert eventually(lambda: os.listdir(tmp_path / "spool" / "queue") == [])
     finally:
         mta.stop()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "override", "agent"),
+    [
+        ("asyncio", "", DeliveryAgent),
+        ("trio", "", DeliveryAgent),
+        ("threads", "", BlockingDeliveryAgent),
+        ("threads", "asyncio", DeliveryAgent),
+        ("asyncio", "threads", BlockingDeliveryAgent),
+    ],
+)
+def test_mta_delivers_on_the_servers_runtime_unless_delivery_says_otherwise(
+    net: Net, tmp_path: Path, runtime: str, override: str, agent: type
+) -> None:
+    d = delivery(net, tmp_path)
+    d.runtime = override
+    mta = MTA(settings(tmp_path, runtime), d, fsync=False)
+    mta.start()
+    try:
+        assert type(mta.agent) is agent
+        assert mta.queue() == []
+    finally:
+        mta.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        mta.queue()
 
 
 def test_mta_refuses_to_relay_for_strangers_but_accepts_local_domains(
