@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
+import io
 import ipaddress
 import os
 import queue
 import re
 import signal
 import smtplib
+import stat
 import subprocess
 import sys
 import threading
@@ -20,8 +23,11 @@ import pytest
 from conftest import CLIENT_TIMEOUT, RUNTIMES
 
 from mailwire.adapters import cli
+from mailwire.adapters._credentials import CredentialsFile, add_user
 from mailwire.adapters._driver import Handler, Session
+from mailwire.adapters._spool import SpoolHandler
 from mailwire.protocol import RcptTo, Reply
+from mailwire.protocol._policy import Limit, Rate, SenderLimits
 from mailwire.protocol._policy import RelayPolicy as RelayRules
 
 HAVE_SPOOL = importlib.util.find_spec("mailwire.adapters._spool") is not None
@@ -206,3 +212,192 @@ def test_the_server_itself_and_localhost_are_always_local() -> None:
         "mx.example.net",
         "localhost",
     }
+
+
+# --- AUTH, submission and limits settings ---------------------------------------------------
+
+
+def test_new_settings_have_safe_defaults() -> None:
+    settings = cli.Settings()
+    assert settings.credentials is None and settings.submission_listen == []
+    assert not settings.allow_plaintext_auth and settings.limits == {}
+    assert cli.sender_limits(settings.limits) is None  # no limits unless configured
+
+
+def test_sender_limits_map_onto_the_core() -> None:
+    table = {
+        "period": 600,
+        "per_client": {"messages": 10, "recipients": 100},
+        "per_user": {"messages": 50, "period": 86400},
+        "per_sender": {"recipients": 7.5},
+        "max_buckets": 500,
+    }
+    limits = cli.sender_limits(table)
+    assert limits == SenderLimits(
+        per_client=Limit(
+            messages=Rate(count=10, interval=600), recipients=Rate(count=100, interval=600)
+        ),
+        per_user=Limit(messages=Rate(count=50, interval=86400)),
+        per_sender=Limit(recipients=Rate(count=7.5, interval=600)),
+        max_buckets=500,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{"per_clinet": {"messages": 1}}, {"per_client": {"mesages": 1}},
+     {"per_client": {"messages": 0}}, {"per_client": {"messages": -5}},
+     {"per_client": {"messages": True}}, {"per_client": {"messages": "10"}},
+     {"per_client": 10}, {"period": 0, "per_user": {"messages": 1}},
+     {"per_user": {"messages": 1}, "max_buckets": 0}],
+)  # fmt: skip
+def test_bad_limits_are_refused(table: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        cli.sender_limits(table)
+
+
+def test_limit_options_refine_the_file_table() -> None:
+    settings = cli.Settings()
+    settings.update({"limits": {"period": 60, "per_client": {"messages": 5}}}, "file")
+    options = cli.limit_options(["per_client.recipients=50", "per-user.messages=2.5"])
+    assert options == {"per_client": {"recipients": 50}, "per_user": {"messages": 2.5}}
+    settings.update({"limits": options}, "options")
+    assert settings.limits == {
+        "period": 60,
+        "per_client": {"messages": 5, "recipients": 50},
+        "per_user": {"messages": 2.5},
+    }
+
+
+@pytest.mark.parametrize("item", ["per_client.messages", "per_client.messages=ten", "=5"])
+def test_limit_options_must_be_key_number(item: str) -> None:
+    with pytest.raises(ValueError):
+        cli.limit_options([item])
+
+
+def test_bad_limit_option_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--limit", "per_client.messages=-1"])
+    assert exit_.value.code == 2
+
+
+def test_build_rejects_inconsistent_auth_settings(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    add_user(users, "bob", "pw", ln=4)
+    bad: list[dict[str, Any]] = [
+        {"submission_listen": ["127.0.0.1:0"]},  # no credentials
+        {"submission_listen": ["127.0.0.1:0"], "credentials": str(users)},  # no TLS
+        {"submission_implicit_tls": True, "credentials": str(users)},  # no TLS
+    ]
+    for values in bad:
+        settings = cli.Settings(spool=str(tmp_path / "spool"))
+        settings.update(values, "t")
+        with pytest.raises(ValueError):
+            cli.build(settings)
+    settings = cli.Settings(spool=str(tmp_path / "spool"), credentials=str(tmp_path / "none"))
+    with pytest.raises(OSError):
+        cli.build(settings)
+    assert not (tmp_path / "spool").exists()  # refused before the spool was opened
+
+
+def test_credentials_alone_offer_auth_on_the_main_listener(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    add_user(users, "bob", "pw", ln=4)
+    settings = cli.Settings(spool=str(tmp_path / "spool"), credentials=str(users))
+    controller, _ = cli.build(settings)
+    try:
+        assert not isinstance(controller, cli.Listeners)  # one listener
+        assert controller.config.auth_mechanisms == ("PLAIN", "LOGIN")
+        assert controller.config.auth_requires_tls and not controller.config.auth_required
+    finally:
+        assert isinstance(controller.handler, SpoolHandler)
+        controller.handler.close()
+
+
+# --- mailwire passwd --------------------------------------------------------------------------
+
+
+def test_passwd_stdin_adds_and_changes_a_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "users"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first secret\n"))
+    assert cli.main(["passwd", "--stdin", "--cost", "4", str(path), "bob@example.org"]) == 0
+    assert "added" in capsys.readouterr().err
+    text = path.read_text()
+    assert "first secret" not in text and "bob@example.org:$scrypt$ln=4,r=8,p=1$" in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    creds = CredentialsFile(path)
+    assert creds.verify("bob@example.org", "first secret")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("second secret\r\n"))
+    assert cli.main(["passwd", "--stdin", "--cost", "4", str(path), "bob@example.org"]) == 0
+    assert "changed" in capsys.readouterr().err
+    assert creds.verify("bob@example.org", "second secret")  # reloaded, no restart
+    assert not creds.verify("bob@example.org", "first secret")
+    assert cli.main(["passwd", "--delete", str(path), "bob@example.org"]) == 0
+    assert creds.users == frozenset()
+    assert cli.main(["passwd", "--delete", str(path), "bob@example.org"]) == 1
+
+
+def test_passwd_prompts_twice_and_refuses_a_mismatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "users"
+    answers = iter(["one", "two"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert cli.main(["passwd", "--cost", "4", str(path), "bob"]) == 2
+    assert not path.exists()
+    answers = iter(["same", "same"])
+    assert cli.main(["passwd", "--cost", "4", str(path), "bob"]) == 0
+    assert CredentialsFile(path).verify("bob", "same")
+
+
+@pytest.mark.parametrize(("user", "stdin"), [("bad:name", "pw\n"), ("bob", "\n"), ("bob", "")])
+def test_passwd_refuses_bad_names_and_empty_passwords(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user: str, stdin: str
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert cli.main(["passwd", "--stdin", "--cost", "4", str(tmp_path / "u"), user]) == 2
+    assert not (tmp_path / "u").exists()
+
+
+def test_mailwire_serve_with_submission_auth_and_limits_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    users = tmp_path / "users"
+    add_user(users, "bob", "pw", ln=4)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailwire.adapters.cli", "serve", "--runtime", "trio",
+         "--listen", "127.0.0.1:0", "--submission-listen", "127.0.0.1:0",
+         "--credentials", str(users), "--allow-plaintext-auth", "--auth-failure-delay", "0",
+         "--relay-network", "192.0.2.0/24", "--limit", "per_user.messages=1",
+         "--hostname", "mx.test", "--grace", "5"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        match = _wait_for(lines, r"serving on 127\.0\.0\.1:(\d+) 127\.0\.0\.1:(\d+)", seen)
+        main_port, submission_port = int(match.group(1)), int(match.group(2))
+        with smtplib.SMTP("127.0.0.1", submission_port, timeout=CLIENT_TIMEOUT) as client:
+            client.ehlo()
+            assert client.mail("bob@example.org")[0] == 530
+            client.login("bob", "pw")
+            message = b"Subject: s\r\n\r\nhi\r\n"
+            assert client.sendmail("bob@example.org", ["x@localhost"], message) == {}
+            code, text = client.mail("bob@example.org")
+            assert code == 450 and text.startswith(b"4.7.1 Message rate limit"), text
+        with smtplib.SMTP("127.0.0.1", main_port, timeout=CLIENT_TIMEOUT) as client:
+            client.ehlo()
+            client.mail("a@remote.test")
+            assert client.rcpt("x@remote.test")[0] == 554  # not a relay for strangers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(CLIENT_TIMEOUT) == 0, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any("bob:" in line or "pw" in line.split() for line in seen)

@@ -378,3 +378,34 @@ def test_listeners_share_one_handler_so_a_store_replacement_reaches_both(start: 
     assert recording.begun == 2
     server.stop()
     assert not server.running and not main.running and not submission.running
+
+
+def test_the_mta_takes_submitted_mail_through_the_shared_handler(
+    runtime: str, tmp_path: Path, users: str
+) -> None:
+    # adapters/mta.py wraps controller.handler.store after build(): mail submitted on the
+    # second listener must reach its delivery agent too
+    from mailwire.adapters.mta import MTA, DeliverySettings
+
+    settings = cli.Settings(
+        runtime=runtime, listen=["127.0.0.1:0"], hostname="mx.test", spool=str(tmp_path / "q"),
+        relay_networks=[], local_domains=["example.org"], credentials=users,
+        submission_listen=["127.0.0.1:0"], allow_plaintext_auth=True, auth_failure_delay=0.0,
+    )  # fmt: skip
+    maildir = tmp_path / "mail"
+    mta = MTA(settings, DeliverySettings(maildir=str(maildir), control_socket="-"), fsync=False)
+    mta.start()
+    try:
+        assert len(mta.addresses) == 2
+        with smtp(mta.addresses[1]) as client:
+            client.login(USER, PASSWORD)
+            assert client.sendmail(USER, ["bob@example.org"], MESSAGE) == {}
+        assert mta.accepted == 1
+        delivered = threading.Event()
+        for _ in range(500):  # bounded wait for the delivery agent; no timing asserted
+            if any(p.is_file() for p in (maildir / "example.org" / "bob").rglob("*")):
+                break
+            delivered.wait(0.02)
+        assert any(b"submitted" in p.read_bytes() for p in maildir.rglob("*") if p.is_file())
+    finally:
+        mta.stop()
