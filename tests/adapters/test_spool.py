@@ -1,5 +1,7 @@
-"""The durable spool: store semantics, crash recovery with a SIGKILLed writer, SpoolHandler
-over real servers on every runtime."""
+"""The durable spool: the MessageStore contract over both backends (DirectoryStore, "files";
+LogStore, "log"), crash recovery with a SIGKILLed writer, format detection, SpoolHandler over
+real servers on every runtime.  LogStore's own properties (torn tails, compaction, random
+put/delete/restart sequences) are in test_segstore.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailwire.adapters._segstore import LogStore
 from mailwire.adapters._spool import (
     DirectoryStore,
     MessageStore,
@@ -27,6 +30,8 @@ from mailwire.adapters._spool import (
     SpoolEnvelope,
     SpoolError,
     SpoolHandler,
+    detect_format,
+    open_store,
 )
 from mailwire.protocol import ServerConfig
 from mailwire.protocol._events import MailFrom, RcptTo
@@ -49,19 +54,37 @@ def envelope(n: int = 0, **kw: object) -> SpoolEnvelope:
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
+FORMATS = ["files", "log"]
+
+
+@pytest.fixture(params=FORMATS)
+def fmt(request: pytest.FixtureRequest) -> str:
+    """Each store backend: "files" (DirectoryStore) and "log" (LogStore)."""
+    return str(request.param)
+
+
+Store = DirectoryStore | LogStore
+
+
+def opened(directory: Path, fmt: str, **options: object) -> Store:
+    store = open_store(directory, fmt, **options)
+    assert isinstance(store, (DirectoryStore, LogStore))
+    return store
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[DirectoryStore]:
-    s = DirectoryStore(tmp_path / "spool")
+def store(tmp_path: Path, fmt: str) -> Iterator[Store]:
+    s = opened(tmp_path / "spool", fmt)
     s.recover()
     yield s
     s.close()
 
 
-def test_directory_store_implements_the_store_interface(store: DirectoryStore) -> None:
+def test_every_backend_implements_the_store_interface(store: Store) -> None:
     assert isinstance(store, MessageStore)
 
 
-def test_put_then_get_round_trips_content_and_full_envelope(store: DirectoryStore) -> None:
+def test_put_then_get_round_trips_content_and_full_envelope(store: Store) -> None:
     env = envelope(
         sender=MailFrom(
             address="ünï@exämple.org",
@@ -96,12 +119,25 @@ def test_spilled_message_round_trips(tmp_path: Path) -> None:
         assert os.listdir(s.tmp_dir) == []
 
 
-def test_aborted_message_leaves_nothing(tmp_path: Path) -> None:
-    with DirectoryStore(tmp_path, spill=10) as s:
+def test_aborted_message_leaves_nothing(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt, spill=10) as s:
         writer = s.begin()
-        writer.write(b"a" * 100)
+        writer.write(b"a" * 100)  # spilled to a temporary file
         writer.abort()
-        assert os.listdir(s.tmp_dir) == [] and s.list() == []
+        assert os.listdir(tmp_path / "tmp") == [] and s.list() == []
+    with opened(tmp_path, fmt) as s:
+        assert s.recover() == []
+
+
+def test_large_spilled_message_round_trips_and_survives_reopening(tmp_path: Path, fmt: str) -> None:
+    content = bytes(range(256)) * 4000  # ~1 MB in 1000-octet chunks, spill at 10 KB
+    with opened(tmp_path, fmt, spill=10_000) as s:
+        queue_id = s.put(envelope(), [content[i : i + 1000] for i in range(0, len(content), 1000)])
+        assert s.get(queue_id).content == content
+        assert os.listdir(tmp_path / "tmp") == []
+    with opened(tmp_path, fmt) as s:
+        assert s.recover() == [queue_id]
+        assert s.get(queue_id).content == content
 
 
 def test_queue_ids_are_unique_and_sort_by_time() -> None:
@@ -125,8 +161,8 @@ def test_queue_ids_of_different_generators_order_like_their_times(a: float, b: f
         assert ia > ib
 
 
-def test_concurrent_puts_get_distinct_ids_and_share_commits(tmp_path: Path) -> None:
-    with DirectoryStore(tmp_path) as s:
+def test_concurrent_puts_get_distinct_ids_and_share_commits(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt) as s:
         ids: list[str] = []
         lock = threading.Lock()
         barrier = threading.Barrier(16)
@@ -152,46 +188,83 @@ def test_concurrent_puts_get_distinct_ids_and_share_commits(tmp_path: Path) -> N
         }
 
 
-def test_without_group_commit_each_message_is_its_own_batch(tmp_path: Path) -> None:
-    with DirectoryStore(tmp_path, max_batch=1) as s:
+def test_without_group_commit_each_message_is_its_own_batch(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt, max_batch=1) as s:
         for i in range(3):
             s.put(envelope(i), [b"x"])
         assert (s.batches, s.committed) == (3, 3)
 
 
-def test_delete_removes_message(store: DirectoryStore) -> None:
+def test_delete_removes_message(store: Store) -> None:
     queue_id = store.put(envelope(), [b"x"])
+    kept = store.put(envelope(1), [b"y"])
     store.delete(queue_id)
-    assert store.list() == []
+    assert store.list() == [kept]
     with pytest.raises(SpoolError):
         store.get(queue_id)
     with pytest.raises(SpoolError):
         store.delete(queue_id)
+    assert store.get(kept).content == b"y"
 
 
-def test_get_rejects_path_like_ids(store: DirectoryStore) -> None:
+def test_deleted_message_stays_deleted_after_reopening(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt) as s:
+        gone, kept = s.put(envelope(1), [b"gone"]), s.put(envelope(2), [b"kept"])
+        s.delete(gone)
+    with opened(tmp_path, fmt) as s:
+        assert s.recover() == [kept]
+
+
+def test_get_rejects_path_like_ids(store: Store) -> None:
     with pytest.raises(SpoolError):
         store.get("../lock")
+    with pytest.raises(SpoolError):
+        store.delete("../lock")
 
 
-def test_second_process_on_same_spool_is_refused(tmp_path: Path) -> None:
-    with DirectoryStore(tmp_path):
+def test_second_process_on_same_spool_is_refused(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt):
         code = (
-            "import sys; from mailwire.adapters._spool import DirectoryStore, SpoolError\n"
-            "try: DirectoryStore(sys.argv[1])\n"
+            "import sys; from mailwire.adapters._spool import open_store, SpoolError\n"
+            "try: open_store(sys.argv[1], sys.argv[2])\n"
             "except SpoolError: sys.exit(3)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), fmt], timeout=60)
         assert proc.returncode == 3
 
 
-def test_recovery_removes_leftover_temp_files_and_lists_messages(tmp_path: Path) -> None:
-    with DirectoryStore(tmp_path) as s:
+def test_recovery_removes_leftover_temp_files_and_lists_messages(tmp_path: Path, fmt: str) -> None:
+    with opened(tmp_path, fmt) as s:
         kept = [s.put(envelope(i), [b"m%d" % i]) for i in range(3)]
-        Path(s.tmp_dir, "leftover").write_bytes(b"half a message")
-    with DirectoryStore(tmp_path) as s:
+        Path(tmp_path, "tmp", "leftover").write_bytes(b"half a message")
+    with opened(tmp_path, fmt) as s:
         assert s.recover() == kept
-        assert os.listdir(s.tmp_dir) == []
+        assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize(("fmt", "other"), [("files", "log"), ("log", "files")])
+def test_a_spool_is_never_opened_as_the_other_format(tmp_path: Path, fmt: str, other: str) -> None:
+    with opened(tmp_path, fmt) as s:
+        queue_id = s.put(envelope(), [b"x"])
+    assert detect_format(tmp_path) == fmt
+    with pytest.raises(SpoolError, match=f"store_format='{fmt}'"):
+        open_store(tmp_path, other)
+    with pytest.raises(SpoolError):
+        SpoolHandler(tmp_path, store_format=other)
+    with opened(tmp_path, "auto") as s:
+        assert type(s) is {"files": DirectoryStore, "log": LogStore}[fmt]
+        assert s.recover() == [queue_id]
+
+
+def test_new_spool_format_follows_the_choice(tmp_path: Path) -> None:
+    assert detect_format(tmp_path / "missing") is None
+    with opened(tmp_path / "a", "auto") as s:
+        assert isinstance(s, DirectoryStore)
+    handler = SpoolHandler(tmp_path / "b", store_format="log")
+    handler.close()
+    assert detect_format(tmp_path / "b") == "log"
+    with pytest.raises(ValueError):
+        open_store(tmp_path / "c", "sqlite")
 
 
 @pytest.mark.parametrize(
@@ -217,9 +290,9 @@ def test_recovery_quarantines_damaged_messages(tmp_path: Path, damage) -> None: 
 _WRITER_CHILD = textwrap.dedent(
     """
     import sys, threading
-    from mailwire.adapters._spool import DirectoryStore, SpoolEnvelope
+    from mailwire.adapters._spool import SpoolEnvelope, open_store
     from mailwire.protocol._events import MailFrom, RcptTo
-    store = DirectoryStore(sys.argv[1], spill=4096)
+    store = open_store(sys.argv[1], sys.argv[3], spill=4096, **eval(sys.argv[4]))
     store.recover()
     mode = sys.argv[2]
     out_lock = threading.Lock()
@@ -249,9 +322,11 @@ _WRITER_CHILD = textwrap.dedent(
 )
 
 
-def _kill_writer(spool: Path, mode: str, stop_after: int) -> dict[str, int]:
+def _kill_writer(
+    spool: Path, mode: str, stop_after: int, fmt: str, options: str = "{}"
+) -> dict[str, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER_CHILD, str(spool), mode],
+        [sys.executable, "-c", _WRITER_CHILD, str(spool), mode, fmt, options],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -270,32 +345,40 @@ def _kill_writer(spool: Path, mode: str, stop_after: int) -> dict[str, int]:
     return acked
 
 
-def test_sigkill_with_half_written_message_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    acked = _kill_writer(tmp_path, "partial", stop_after=10**9)
+def test_sigkill_with_half_written_message_loses_nothing_acknowledged(
+    tmp_path: Path, fmt: str
+) -> None:
+    acked = _kill_writer(tmp_path, "partial", stop_after=10**9, fmt=fmt)
     assert len(acked) == 5
-    assert len(os.listdir(tmp_path / "tmp")) == 1  # the half message, never a queue entry
-    with DirectoryStore(tmp_path) as s:
+    # the half message: a tmp file (the log's spill file is anonymous), never a queue entry
+    assert len(os.listdir(tmp_path / "tmp")) == (fmt == "files")
+    with opened(tmp_path, fmt) as s:
         assert s.recover() == sorted(acked)
-        assert os.listdir(s.tmp_dir) == []
+        assert os.listdir(tmp_path / "tmp") == []
         for queue_id, n in acked.items():
             assert s.get(queue_id).content == b"%d" % n * 10000
 
 
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("files", "{}"), ("log", "{}"), ("log", "{'segment_size': 200_000}")],
+    ids=["files", "log", "log-small-segments"],
+)
 def test_sigkill_during_concurrent_writes_recovers_every_acknowledged_message(
-    tmp_path: Path,
+    tmp_path: Path, fmt: str, options: str
 ) -> None:
-    acked = _kill_writer(tmp_path, "busy", stop_after=200)
-    with DirectoryStore(tmp_path) as s:
+    acked = _kill_writer(tmp_path, "busy", stop_after=200, fmt=fmt, options=options)
+    with opened(tmp_path, fmt) as s:
         recovered = s.recover()
-        assert os.listdir(s.corrupt_dir) == []  # no half message ever reached queue/
+        assert os.listdir(tmp_path / "corrupt") == []  # no half message was ever accepted
         assert set(acked) <= set(recovered)
         for queue_id in recovered:  # including committed-but-unacknowledged ones: whole
             msg = s.get(queue_id)
             assert msg.content == b"%d" % (n := int(msg.envelope.arrival - 1)) * (100 + n % 9000)
 
 
-def test_fsync_of_a_closed_store_is_refused(tmp_path: Path) -> None:
-    s = DirectoryStore(tmp_path)
+def test_fsync_of_a_closed_store_is_refused(tmp_path: Path, fmt: str) -> None:
+    s = opened(tmp_path, fmt)
     writer = s.begin()
     writer.write(b"x")
     s.close()
@@ -308,10 +391,10 @@ def test_fsync_of_a_closed_store_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("max_batch", [64, 1])
 def test_spool_handler_stores_before_250_on_every_runtime(
-    runtime: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, max_batch: int
+    runtime: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, max_batch: int, fmt: str
 ) -> None:
     adapter = importlib.import_module(f"mailwire.adapters.{runtime}")
-    handler = SpoolHandler(tmp_path, max_batch=max_batch)
+    handler = SpoolHandler(tmp_path, store_format=fmt, max_batch=max_batch)
     caplog.set_level(logging.INFO, logger="mailwire.adapters.spool")
     try:
         with adapter.Controller(handler, ServerConfig(hostname="mx.test")) as ctl:
@@ -340,9 +423,11 @@ def test_spool_handler_stores_before_250_on_every_runtime(
     assert [line.split(":")[0] for line in lines] == queued
 
 
-def test_spool_handler_answers_451_when_the_store_fails(runtime: str, tmp_path: Path) -> None:
+def test_spool_handler_answers_451_when_the_store_fails(
+    runtime: str, tmp_path: Path, fmt: str
+) -> None:
     adapter = importlib.import_module(f"mailwire.adapters.{runtime}")
-    handler = SpoolHandler(tmp_path)
+    handler = SpoolHandler(tmp_path, store_format=fmt)
     handler.store.close()  # commits now fail
     with adapter.Controller(handler, ServerConfig()) as ctl:
         host, port = ctl.addresses[0]
@@ -352,12 +437,13 @@ def test_spool_handler_answers_451_when_the_store_fails(runtime: str, tmp_path: 
             client.rcpt("c@d.example")
             code, text = client.data(b"x\r\n")
     assert code == 451
-    assert os.listdir(tmp_path / "queue") == []
+    with opened(tmp_path, fmt) as s:
+        assert s.recover() == []
 
 
-def test_spool_handler_discards_aborted_message(runtime: str, tmp_path: Path) -> None:
+def test_spool_handler_discards_aborted_message(runtime: str, tmp_path: Path, fmt: str) -> None:
     adapter = importlib.import_module(f"mailwire.adapters.{runtime}")
-    handler = SpoolHandler(tmp_path, spill=10)
+    handler = SpoolHandler(tmp_path, store_format=fmt, spill=10)
     try:
         with adapter.Controller(handler, ServerConfig(max_message_size=1000)) as ctl:
             host, port = ctl.addresses[0]
@@ -369,7 +455,7 @@ def test_spool_handler_discards_aborted_message(runtime: str, tmp_path: Path) ->
                 assert code == 552
     finally:
         handler.close()
-    assert os.listdir(tmp_path / "queue") == [] and os.listdir(tmp_path / "tmp") == []
+    assert handler.store.list() == [] and os.listdir(tmp_path / "tmp") == []
 
 
 def test_deleted_message_file_is_reused_without_stale_bytes(tmp_path: Path) -> None:
