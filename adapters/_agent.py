@@ -37,12 +37,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeAlias, TypeVar, cast
 
 from mailwire.adapters._delivery import (
@@ -59,7 +61,7 @@ from mailwire.adapters._delivery import (
 )
 from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError, StoredMessage
 from mailwire.protocol._dnsquery import RouteLookup
-from mailwire.protocol._dsn import DSNMessage
+from mailwire.protocol._dsn import DSNAction, DSNMessage
 from mailwire.protocol._events import MailFrom, RcptTo, Reply
 from mailwire.protocol._queue import (
     Completion,
@@ -239,6 +241,9 @@ class AgentCore:
         self.client_config = config.client_config()
         self.lmtp_config = config.client_config(lmtp=True)
         self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
+        # Messages whose delay notice went out before a restart (from the journal): the
+        # Scheduler does not know, and would signal a second one.
+        self._delay_notified: set[str] = set()
         # Guards the Scheduler and the counters: a no-op where one thread does everything.
         self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
@@ -300,6 +305,8 @@ class AgentCore:
                     # finished before the restart, only its removal was missing
                     yield from self._remove(queue_id)
                     continue
+                if (yield from self._blocking(self.journal.delay_notice_sent, queue_id)):
+                    self._delay_notified.add(queue_id)
             self.enqueue(queue_id, stored.envelope, states=states)
             queued.append(queue_id)
         return queued
@@ -486,6 +493,8 @@ class AgentCore:
     def _after(
         self, completion: Completion, message: QueuedMessage, content: bytes, now: float
     ) -> Steps[None]:
+        if completion.delay_warning and message.queue_id in self._delay_notified:
+            completion = dataclasses.replace(completion, delay_warning=False)  # sent already
         dsns = notifications(
             completion,
             message,
@@ -503,11 +512,17 @@ class AgentCore:
                 log.exception("%s: could not queue the %s notice", message.queue_id, dsn.kind)
                 return
         final = completion.delivered + completion.failed
+        delayed = any(dsn.kind is DSNAction.DELAYED for dsn in dsns)
         # A finished message is removed next; journaling it too costs an fsync and only
         # matters when a notice went out (a crash before the removal must not send it twice).
-        if self.journal is not None and final and (completion.finished is None or dsns):
-            yield from self._blocking(self.journal.record, message.queue_id, final)
+        if self.journal is not None and (
+            delayed or (final and (completion.finished is None or dsns))
+        ):
+            yield from self._blocking(
+                partial(self.journal.record, delay_notice=delayed), message.queue_id, final
+            )
         if completion.finished is not None:
+            self._delay_notified.discard(message.queue_id)
             yield from self._remove(message.queue_id)
 
     def _remove(self, queue_id: str) -> Steps[None]:

@@ -467,6 +467,10 @@ class RecipientJournal:
     then the journal, then the removal of a finished message -- so each crash point leaves
     either a repeatable step or nothing to do.
 
+    A sent delay notice is journaled too (a ``{"notice": "delayed"}`` line): the Scheduler
+    forgets across a restart that it signalled one, and RFC 3464's delay notice is sent once
+    per message, not once per process lifetime.
+
     Args:
         directory: where the journal files live (created if missing).
         fsync: flush each append (False only for tests).
@@ -482,8 +486,11 @@ class RecipientJournal:
             raise ValueError(f"not a queue ID: {queue_id!r}")
         return os.path.join(self.directory, queue_id)
 
-    def record(self, queue_id: str, states: Sequence[RecipientState]) -> None:
-        """Append the final ``states`` (others are ignored) durably."""
+    def record(
+        self, queue_id: str, states: Sequence[RecipientState], *, delay_notice: bool = False
+    ) -> None:
+        """Append the final ``states`` (others are ignored) durably, and the fact that a
+        delay notice was sent when ``delay_notice``."""
         lines = []
         for st in states:
             if not st.status.is_final:
@@ -500,6 +507,8 @@ class RecipientJournal:
                 "last_attempt": st.last_attempt,
             }
             lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+        if delay_notice:
+            lines.append(json.dumps({"notice": "delayed"}) + "\n")
         if not lines:
             return
         fd = os.open(
@@ -519,12 +528,7 @@ class RecipientJournal:
         """The recorded states of ``message``'s recipients (PENDING when none)."""
         found: dict[str, RecipientState] = {}
         by_address = {r.address: r for r in message.recipients}
-        try:
-            with open(self._path(message.queue_id), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raw = b""
-        for line in raw.split(b"\n"):
+        for line in self._read(message.queue_id).split(b"\n"):
             try:
                 entry = json.loads(line)
                 rcpt = by_address[entry["address"]]
@@ -545,6 +549,23 @@ class RecipientJournal:
             except (ValueError, KeyError, TypeError, LocalProtocolError):
                 continue  # a torn or foreign line: that recipient is tried again
         return [found.get(r.address, RecipientState(recipient=r)) for r in message.recipients]
+
+    def delay_notice_sent(self, queue_id: str) -> bool:
+        """True if a delay notice was recorded for the message."""
+        for line in self._read(queue_id).split(b"\n"):
+            try:
+                if json.loads(line).get("notice") == "delayed":
+                    return True
+            except (ValueError, AttributeError):
+                continue  # a torn line
+        return False
+
+    def _read(self, queue_id: str) -> bytes:
+        try:
+            with open(self._path(queue_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
 
     def forget(self, queue_id: str) -> None:
         """Remove a finished message's journal."""

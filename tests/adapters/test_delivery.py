@@ -848,6 +848,40 @@ def test_a_restart_does_not_deliver_again_to_recipients_that_had_the_message(
 
 
 @over_agents
+def test_a_restart_does_not_send_a_second_delay_notice(mx: Net, tmp_path: Path, kind: str) -> None:
+    journal = RecipientJournal(tmp_path / "journal", fsync=False)
+
+    async def body(w: World) -> None:
+        first = w.new_agent(journal=journal)
+        qid = await w.submit(
+            MailFrom(address=SENDER), [RcptTo(address="slow@down.test")], MESSAGE, agent=first
+        )
+        for _ in range(40):  # retry until the four hours of RFC 3464's delay notice are over
+            await w.run_once(first)
+            if bounces(mx):
+                break
+            wakeup = first.scheduler.next_wakeup()
+            assert wakeup is not None
+            w.clock.now = max(w.clock.now, wakeup)
+        (notice,) = [parse_dsn(b.content) for b in bounces(mx)]
+        assert notice.recipients[0].action is DSNAction.DELAYED
+        assert journal.delay_notice_sent(qid)
+        # the process dies; the next one must not tell the sender a second time
+        second = w.new_agent(journal=journal)
+        assert await w.start(second) == [qid]
+        for _ in range(3):
+            wakeup = second.scheduler.next_wakeup()
+            assert wakeup is not None
+            w.clock.now = max(w.clock.now, wakeup)
+            assert await w.run_once(second) == 1
+        assert len(bounces(mx)) == 1
+        (state,) = second.scheduler.message(qid).recipients
+        assert state.status is RecipientStatus.DEFERRED and state.attempts == 3
+
+    run(mx, tmp_path, body, kind=kind)
+
+
+@over_agents
 def test_journal_ignores_a_torn_line_and_start_removes_finished_messages(
     mx: Net, tmp_path: Path, kind: str
 ) -> None:
