@@ -326,18 +326,24 @@ class AgentCore:
         with self._lock:
             return list(self.scheduler.messages())
 
-    def flush(self, queue_id: str | None = None) -> None:
+    def flush(self, queue_id: str | None = None) -> int:
         """Retry one message now, or everything (lifting every destination's back-off).
+
+        Returns:
+            How many messages were flushed (held ones stay held and are not counted).
 
         Raises:
             KeyError: no such queued message.
         """
         with self._lock:
             if queue_id is None:
+                count = sum(1 for m in self.scheduler.messages() if not m.held)
                 self.scheduler.flush_all(now=self.clock())
             else:
+                count = 0 if self.scheduler.message(queue_id).held else 1
                 self.scheduler.flush(queue_id, now=self.clock())
         self.wake()
+        return count
 
     def hold(self, queue_id: str) -> None:
         """Stop scheduling a message until release() (KeyError if not queued)."""

@@ -390,9 +390,9 @@ class MTA:
             began = time.monotonic()
             ids = host.start()
             log.info(
-                "delivery agent on %s: recovered %d message(s) from the spool in %.2f s",
+                "delivery agent on %s: recovered %s in %.2f s",
                 runtime,
-                len(ids),
+                _plural(len(ids), "message"),
                 time.monotonic() - began,
             )
             path = self.delivery.control_socket or os.path.join(settings.spool, "control.sock")
@@ -483,10 +483,11 @@ class MTA:
         host = self._running()
         return host.call(host.agent.queue)
 
-    def flush(self, queue_id: str | None = None) -> None:
-        """Retry one message (or all) now.  KeyError if not queued."""
+    def flush(self, queue_id: str | None = None) -> int:
+        """Retry one message (or all) now; returns how many (held ones are not).  KeyError if
+        not queued."""
         host = self._running()
-        host.call(partial(host.agent.flush, queue_id))
+        return host.call(partial(host.agent.flush, queue_id))
 
     def hold(self, queue_id: str) -> None:
         """Hold a message.  KeyError if not queued."""
@@ -632,8 +633,7 @@ def _run_verb(mta: MTA, verb: str, queue_id: object) -> Any:
     if verb == "list":
         return [message_json(m) for m in mta.queue()]
     if verb == "flush":
-        mta.flush(queue_id)
-        return None
+        return {"flushed": mta.flush(queue_id)}
     if queue_id is None:
         raise ValueError(f"{verb} needs an id")
     if verb == "show":
@@ -646,7 +646,7 @@ def _run_verb(mta: MTA, verb: str, queue_id: object) -> Any:
     elif verb == "release":
         mta.release(queue_id)
     elif verb == "delete":
-        mta.delete(queue_id)
+        return message_json(mta.delete(queue_id))
     else:
         raise ValueError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
     return None
@@ -764,9 +764,39 @@ def format_queue(entries: list[dict[str, Any]], *, now: float | None = None) -> 
                 continue
             reason = f" ({r['reply']})" if r["reply"] else ""
             lines.append(f"{'':<52}<{r['address']}>{reason}")
-    total = sum(len(e["recipients"]) for e in entries)
-    lines.append(f"-- {len(entries)} message(s), {total} recipient(s)")
+    lines.append(queue_total(entries))
     return "\n".join(lines) + "\n"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _kilobytes(size: int) -> int:
+    return (size + 1023) // 1024  # rounded up, as Postfix's mailq
+
+
+def queue_total(entries: list[dict[str, Any]]) -> str:
+    """The total line of a queue listing, as Postfix's mailq: ``-- 12 KB in 3 messages.``"""
+    size = sum(int(e["size"]) for e in entries)
+    return f"-- {_kilobytes(size)} KB in {_plural(len(entries), 'message')}."
+
+
+def verb_summary(verb: str, queue_id: str | None, result: Any) -> str:
+    """One line saying what a queue verb did (``mailwire queue flush|delete|hold|release``)."""
+    if verb == "flush":
+        flushed = int(result["flushed"]) if isinstance(result, dict) else 0
+        if queue_id is not None:
+            return f"{queue_id}: {'flushed' if flushed else 'held, not flushed'}"
+        return f"flushed {_plural(flushed, 'message')}: delivery is tried again now"
+    if verb == "delete" and isinstance(result, dict):
+        rcpts = len(result["recipients"])
+        return (
+            f"{queue_id}: deleted (from <{result['sender']}>, {_plural(rcpts, 'recipient')}, "
+            f"{_kilobytes(int(result['size']))} KB)"
+        )
+    done = {"hold": "held", "release": "released"}.get(verb, verb)
+    return f"{queue_id}: {done}"
 
 
 def queue_main(spool: str, verb: str, queue_id: str | None, *, as_json: bool = False) -> int:
@@ -791,7 +821,7 @@ def queue_main(spool: str, verb: str, queue_id: str | None, *, as_json: bool = F
     elif verb == "show":
         sys.stdout.write(format_queue([result]))
     else:
-        print(f"{verb}: ok")
+        print(verb_summary(verb, queue_id, result))
     return 0
 
 
@@ -862,5 +892,7 @@ __all__ = [
     "NotifyingStore",
     "message_json",
     "queue_command",
+    "queue_total",
     "run_mta",
+    "verb_summary",
 ]

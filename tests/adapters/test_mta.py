@@ -5,6 +5,7 @@ kill -9 right after the 250 -> delivered after the restart."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import smtplib
@@ -28,6 +29,7 @@ from mailwire.adapters.mta import (
     delivery_settings,
     queue_command,
     queue_main,
+    queue_total,
 )
 from mailwire.adapters.threads import Controller
 from mailwire.protocol._config import ServerConfig
@@ -201,7 +203,9 @@ sys.exit(run_mta(settings, DeliverySettings(delivery_port=port, nameservers=[dns
 
 
 @over_runtimes
-def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path, runtime: str) -> None:
+def test_kill_9_right_after_the_250_loses_nothing(
+    net: Net, tmp_path: Path, runtime: str, caplog: pytest.LogCaptureFixture
+) -> None:
     spool = str(tmp_path / "spool")
     child = subprocess.Popen(
         [
@@ -241,8 +245,10 @@ def test_kill_9_right_after_the_250_loses_nothing(net: Net, tmp_path: Path, runt
     assert len(os.listdir(os.path.join(spool, "queue"))) == 1
     later = net.receiver("127.0.0.5")  # the MX comes back
     mta = MTA(settings(tmp_path, runtime), delivery(net, tmp_path), fsync=False)
-    mta.start()
+    with caplog.at_level(logging.INFO, logger="mailwire.adapters.mta"):
+        mta.start()
     try:
+        assert any("recovered 1 message in " in r.getMessage() for r in caplog.records)
         assert eventually(lambda: len(later.messages) == 1)
         assert later.messages[0].recipients == ["zoe@later.test"]
         assert later.messages[0].content.endswith(MESSAGE)
@@ -394,10 +400,30 @@ def test_queue_main_prints_a_mailq_table_and_json(
         assert queue_main(spool, "list", None) == 0
         out = capsys.readouterr().out
         assert "<a@sender.test>" in out and "<zed@later.test>" in out
-        assert out.endswith("-- 1 message(s), 1 recipient(s)\n")
+        assert out.endswith("-- 1 KB in 1 message.\n")  # Postfix's mailq total line
         qid = mta.queue()[0].message.queue_id
         assert queue_main(spool, "show", qid, as_json=True) == 0
         assert f'"id": "{qid}"' in capsys.readouterr().out
         assert queue_main(spool, "hold", "NOSUCHID") == 1
+        # the verbs that change the queue say what they did
+        steps = [("hold", qid), ("flush", None), ("release", qid), ("flush", None)]
+        steps += [("flush", qid), ("delete", qid)]
+        for verb, arg in steps:
+            assert queue_main(spool, verb, arg) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{qid}: held",
+            "flushed 0 messages: delivery is tried again now",
+            f"{qid}: released",
+            "flushed 1 message: delivery is tried again now",
+            f"{qid}: flushed",
+            f"{qid}: deleted (from <a@sender.test>, 1 recipient, 1 KB)",
+        ]
+        assert mta.queue() == []
     finally:
         mta.stop()
+
+
+def test_queue_total_counts_kilobytes_rounded_up_and_messages() -> None:
+    entries = [{"size": 4096}, {"size": 4096}, {"size": 4000}]
+    assert queue_total(entries) == "-- 12 KB in 3 messages."
+    assert queue_total([{"size": 1}]) == "-- 1 KB in 1 message."
