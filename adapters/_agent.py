@@ -12,7 +12,9 @@
 #   Blocking(fn, args)   a blocking call into the store or the journal (file I/O, fsync):
 #                        inline on threads, in a worker thread on anyio;
 #   Resolve(lookup)      run a RouteLookup with dnspython (adapters/_dns.py): the sync
-#                        resolver on threads, the async one on anyio;
+#                        resolver on threads, the async one on anyio, both through the
+#                        agent's ``dns_cache`` (answers kept for their TTLs, shared by every
+#                        delivery);
 #   Talk(target, start)  connect to the target (connect_timeout), build the DeliverySession
 #                        with ``start(now)`` on the runtime's monotonic clock, run its I/O
 #                        loop (adapters/_delivery.py) and close; the result is the finished
@@ -59,6 +61,7 @@ from mailwire.adapters._delivery import (
     report_from_results,
     with_received,
 )
+from mailwire.adapters._dns import DnsCache
 from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError, StoredMessage
 from mailwire.protocol._dnsquery import RouteLookup
 from mailwire.protocol._dsn import DSNAction, DSNMessage
@@ -238,6 +241,9 @@ class AgentCore:
         self.scheduler = scheduler or Scheduler(config.retry)
         self.clock = clock
         self.rng = rng or random.Random()
+        self.dns_cache = (
+            DnsCache(max_entries=config.dns_cache_size) if config.dns_cache_size > 0 else None
+        )
         self.client_config = config.client_config()
         self.lmtp_config = config.client_config(lmtp=True)
         self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}

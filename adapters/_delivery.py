@@ -117,6 +117,8 @@ class DeliveryConfig:
         reply_timeout: seconds to wait for any single reply (the engine's RFC 5321 4.5.3.2
             timeouts apply too).
         dns_timeout: seconds per DNS server; dns_lifetime: per query in all.
+        dns_cache_size: answers the agent's DNS cache keeps, shared by every delivery and
+            kept as long as their TTLs allow (adapters/_dns.DnsCache); 0: no cache.
         max_connections: targets tried per attempt at most (None: all of them).
         max_deliveries: deliveries in flight at once, all destinations together.
         client: the client engine's configuration (None: derived from ``hostname``).
@@ -134,6 +136,7 @@ class DeliveryConfig:
     reply_timeout: float = 300.0
     dns_timeout: float = 5.0
     dns_lifetime: float = 15.0
+    dns_cache_size: int = 10_000
     max_connections: int | None = None
     max_deliveries: int = 100
     client: ClientConfig | None = None

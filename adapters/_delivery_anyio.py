@@ -202,7 +202,7 @@ class DeliveryAgent(AgentCore):
         if isinstance(op, Blocking):
             return await anyio.to_thread.run_sync(_call, op.fn, op.args)
         if isinstance(op, Resolve):
-            return await resolve_route_async(op.lookup, self.resolver)
+            return await resolve_route_async(op.lookup, self.resolver, cache=self.dns_cache)
         if isinstance(op, Talk):
             return await self._talk(op)
         if isinstance(op, LocalCall):

@@ -7,7 +7,8 @@
 #
 #   Blocking   store and journal calls, inline in the delivery's worker thread;
 #   Resolve    adapters/_dns.resolve_route with a ``dns.resolver.Resolver`` (the issue's
-#              "sync resolver on threads"); queries of one phase are asked one at a time;
+#              "sync resolver on threads") and the agent's DnsCache; queries of one phase
+#              are asked one at a time;
 #   Talk       socket.create_connection (connect_timeout), then the DeliverySession loop
 #              with socket timeouts: every wait is bounded by the session's wait_time() (the
 #              smaller of reply_timeout and the engine's RFC 5321 deadline), every sendall()
@@ -206,7 +207,7 @@ class BlockingDeliveryAgent(AgentCore):
         if isinstance(op, Blocking):
             return op.fn(*op.args)
         if isinstance(op, Resolve):
-            return resolve_route(op.lookup, self.resolver)
+            return resolve_route(op.lookup, self.resolver, cache=self.dns_cache)
         if isinstance(op, Talk):
             return self._talk(op)
         if isinstance(op, LocalCall):

@@ -8,15 +8,18 @@ from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 
 import dns.exception
+import dns.message
 import dns.resolver
 import pytest
 import trio
-from dnsserver import DNSServer
+from dnsserver import TTL, DNSServer
 
 from mailwire.adapters._dns import (
+    DnsCache,
     answer_from_exception,
     make_async_resolver,
     make_resolver,
+    negative_ttl,
     query_async,
     query_sync,
     resolve_route,
@@ -48,6 +51,7 @@ ZONE = {
     "deep.sub.empty.test": {"A": ["127.0.0.50"]},
 }
 SERVFAIL = ["flaky.test", "broken.backup.test"]
+SOA_MINIMUM = 60  # the MINIMUM field of tests/dnsserver.py's SOA (its TTL is 300)
 DROP = ["slow.test"]
 
 Runner = Callable[[str, RoutingConfig, tuple[str, int]], Route]
@@ -241,3 +245,113 @@ def test_trio_after_asyncio_in_one_process_uses_the_trio_backend(dns_server: DNS
     first = run_asyncio("a@d.test", CONFIG, dns_server.nameserver)
     assert run_trio("a@d.test", CONFIG, dns_server.nameserver) == first
     assert run_asyncio("a@d.test", CONFIG, dns_server.nameserver) == first
+
+
+# --- the answer cache ----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CachedRunner = Callable[[str, DnsCache, tuple[str, int]], Route]
+
+
+def cached_sync(rcpt: str, cache: DnsCache, ns: tuple[str, int]) -> Route:
+    resolver = make_resolver([ns], timeout=0.5, lifetime=1.0)
+    return resolve_route(_lookup(rcpt, CONFIG), resolver, cache=cache)
+
+
+def cached_asyncio(rcpt: str, cache: DnsCache, ns: tuple[str, int]) -> Route:
+    resolver = make_async_resolver([ns], timeout=0.5, lifetime=1.0)
+    return asyncio.run(resolve_route_async(_lookup(rcpt, CONFIG), resolver, cache=cache))
+
+
+def cached_trio(rcpt: str, cache: DnsCache, ns: tuple[str, int]) -> Route:
+    resolver = make_async_resolver([ns], timeout=0.5, lifetime=1.0)
+
+    async def main() -> Route:
+        return await resolve_route_async(_lookup(rcpt, CONFIG), resolver, cache=cache)
+
+    return trio.run(main)
+
+
+@pytest.fixture(params=["sync", "asyncio", "trio"])
+def cached(request: pytest.FixtureRequest) -> CachedRunner:
+    runners: dict[str, CachedRunner] = {
+        "sync": cached_sync,
+        "asyncio": cached_asyncio,
+        "trio": cached_trio,
+    }
+    return runners[request.param]
+
+
+def test_cached_route_asks_nothing_until_the_ttl_runs_out(
+    cached: CachedRunner, dns_server: DNSServer
+) -> None:
+    clock = FakeClock()
+    start = clock.now
+    cache = DnsCache(clock=clock)
+    first = addresses(cached("a@d.test", cache, dns_server.nameserver))
+    asked = len(dns_server.log)
+    clock.now = start + SOA_MINIMUM - 1
+    assert addresses(cached("b@d.test", cache, dns_server.nameserver)) == first
+    assert len(dns_server.log) == asked  # every answer came from the cache
+    assert cache.hits > 0
+    clock.now = start + SOA_MINIMUM  # only the NODATA answer (mx2 has no AAAA) is over
+    assert addresses(cached("c@d.test", cache, dns_server.nameserver)) == first
+    assert [(n, t) for n, t, _ in dns_server.log[asked:]] == [("mx2.d.test", "AAAA")]
+    asked = len(dns_server.log)
+    clock.now = start + TTL  # now the positive answers (TTL 300) are over too
+    assert addresses(cached("d@d.test", cache, dns_server.nameserver)) == first
+    assert {(n, t) for n, t, _ in dns_server.log[asked:]} >= {("d.test", "MX")}
+
+
+def test_nxdomain_is_cached_for_the_soa_minimum(
+    cached: CachedRunner, dns_server: DNSServer
+) -> None:
+    clock = FakeClock()
+    cache = DnsCache(clock=clock)
+    assert cached("x@gone.test", cache, dns_server.nameserver).kind is RouteKind.FAILED
+    asked = len(dns_server.log)
+    clock.now += SOA_MINIMUM - 1  # RFC 2308 5: min(SOA TTL 300, MINIMUM 60)
+    assert cached("y@gone.test", cache, dns_server.nameserver).kind is RouteKind.FAILED
+    assert len(dns_server.log) == asked
+    clock.now += 1
+    cached("z@gone.test", cache, dns_server.nameserver)
+    assert len(dns_server.log) > asked
+
+
+def test_servfail_is_never_cached(cached: CachedRunner, dns_server: DNSServer) -> None:
+    cache = DnsCache(clock=FakeClock())
+    cached("a@flaky.test", cache, dns_server.nameserver)
+    asked = len(dns_server.log)
+    route = cached("b@flaky.test", cache, dns_server.nameserver)
+    assert route.kind is RouteKind.DEFERRED
+    assert len(dns_server.log) > asked
+
+
+def test_cache_keeps_at_most_max_entries_and_no_zero_ttl() -> None:
+    clock = FakeClock()
+    cache = DnsCache(clock=clock, max_entries=2, max_ttl=100.0)
+    ok = DnsAnswer(status=DnsStatus.OK, records=("127.0.0.1",))
+    queries = [Query(name=f"h{i}.test", rdtype=RRType.A) for i in range(3)]
+    for q in queries:
+        cache.put(q, ok, 1000.0)
+    assert len(cache) == 2
+    assert cache.get(queries[0]) is None  # the oldest went first
+    assert cache.get(queries[2]) == ok
+    clock.now += 100.0  # max_ttl caps the 1000 s TTL
+    assert cache.get(queries[2]) is None
+    cache.put(queries[0], ok, 0.0)
+    cache.put(queries[1], DnsAnswer(status=DnsStatus.TIMEOUT), 300.0)
+    assert cache.get(queries[0]) is None and cache.get(queries[1]) is None
+
+
+def test_negative_ttl_needs_an_soa() -> None:
+    assert negative_ttl(None) is None
+    assert negative_ttl(dns.message.make_query("a.test.", "A")) is None

@@ -421,6 +421,33 @@ def test_primary_mx_down_delivers_to_backup(mx: Net, tmp_path: Path, kind: str) 
 
 
 @over_agents
+def test_deliveries_share_the_dns_cache(mx: Net, tmp_path: Path, kind: str) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "one@backup.test")
+        await w.run_once()
+        queries = len(mx.dns.log)
+        await submit(w, "two@backup.test")
+        await w.run_once()
+        assert len(mx.dns.log) == queries  # the MX and addresses came from the cache
+        assert len(mx.receivers["127.0.0.3"].messages) == 2
+
+    run(mx, tmp_path, body, kind=kind)
+
+
+@over_agents
+def test_without_a_dns_cache_every_delivery_asks(mx: Net, tmp_path: Path, kind: str) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "one@backup.test")
+        await w.run_once()
+        queries = len(mx.dns.log)
+        await submit(w, "two@backup.test")
+        await w.run_once()
+        assert len(mx.dns.log) > queries
+
+    run(mx, tmp_path, body, kind=kind, dns_cache_size=0)
+
+
+@over_agents
 def test_4xx_at_the_primary_moves_to_the_backup(mx: Net, tmp_path: Path, kind: str) -> None:
     async def body(w: World) -> None:
         await submit(w, "carol@busy.test")
