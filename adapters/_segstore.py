@@ -43,8 +43,10 @@
 # concurrent sessions share one write and one flush.  A batch that does not fit the active
 # segment is written and flushed up to the end of that segment before the next segment is
 # created, so only the highest segment can ever hold a torn record.  If a write or flush
-# fails, the batch is answered with errors (451 to the client) and the segment is sealed:
-# nothing more is appended after bytes of unknown state.
+# fails, the batch is answered with errors (451 to the client), its records are overwritten
+# with zeros (best effort: if that fails too, a restart may bring them back, as duplicates of
+# messages the clients will send again) and the segment is sealed: nothing more is appended
+# after bytes of unknown state.
 #
 # Deletion appends a tombstone through the same group commit (delete() returns once it is on
 # disk).  Delivery is at-least-once: a message whose delete() had not returned when the
@@ -427,6 +429,7 @@ class LogStore(GroupCommitter):
             seg.broken = True  # unknown bytes on disk: append nothing more here
             self._gc_due = True
             self._fail(run, f"could not write segment: {exc}")
+            self._erase(seg, run[0].offset, seg.end)
             return False
         done: list[tuple[_Request, str]] = []
         with self._lock:
@@ -448,6 +451,16 @@ class LogStore(GroupCommitter):
         for request, queue_id in done:
             request.future.set_result(queue_id)
         return True
+
+    def _erase(self, seg: _Segment, start: int, stop: int) -> None:
+        """Best effort after a failed write: zeros over the records that were answered with an
+        error, so a restart cannot yield them (zeros end a segment's scan; nothing follows)."""
+        try:
+            _pwrite_all(seg.fd, bytes(stop - start), start)
+            if self.fsync:
+                os.fdatasync(seg.fd)
+        except OSError as exc:
+            log.error("spool: could not erase failed records in %s: %s", seg.path, exc)
 
     def _kill(self, queue_id: str) -> None:
         """Forget a live message (its tombstone is on disk)."""

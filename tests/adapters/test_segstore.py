@@ -336,13 +336,17 @@ def test_failed_write_answers_an_error_and_seals_the_segment(
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
         first = s.put(envelope(1), [b"first"])
 
-        def broken(*_: object) -> int:
+        real_pwritev = os.pwritev
+
+        def half(fd: int, buffers: list[bytes], offset: int) -> int:
+            real_pwritev(fd, buffers, offset)  # the record reaches the file, then EIO
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(os, "pwritev", broken)
+        monkeypatch.setattr(os, "pwritev", half)
         with pytest.raises(SpoolError, match="could not write"):
             s.put(envelope(2), [b"lost"])
         monkeypatch.undo()
+        assert b"lost" not in segments(tmp_path)[0].read_bytes()  # erased: never yielded
         third = s.put(envelope(3), [b"third"])
         assert len(segments(tmp_path)) == 2  # nothing appended after unknown bytes
         assert s.list() == [first, third]
