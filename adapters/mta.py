@@ -68,6 +68,7 @@ log = logging.getLogger("mailwire.adapters.mta")
 T = TypeVar("T")
 
 Committed = Callable[[str, SpoolEnvelope], None]
+DELIVERY_RUNTIMES = ("asyncio", "trio", "threads")
 
 
 class _NotifyingWriter:
@@ -353,6 +354,9 @@ class MTA:
             ValueError: inconsistent settings.
             OSError, RuntimeError: the server could not start.
         """
+        runtime = self.delivery.runtime or self.settings.runtime
+        if runtime not in DELIVERY_RUNTIMES:
+            raise ValueError(f"delivery runtime must be one of {', '.join(DELIVERY_RUNTIMES)}")
         controller, settings = build(self.settings)
         handler = controller.handler
         assert isinstance(handler, SpoolHandler)
@@ -371,7 +375,6 @@ class MTA:
         journal = RecipientJournal(
             self.delivery.journal or os.path.join(settings.spool, "journal"), fsync=self.fsync
         )
-        runtime = self.delivery.runtime or settings.runtime
         host: _AgentHost
         if runtime == "threads":
             host = _ThreadHost(

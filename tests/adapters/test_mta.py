@@ -172,6 +172,15 @@ def test_mta_delivers_on_the_servers_runtime_unless_delivery_says_otherwise(
         mta.queue()
 
 
+def test_an_unknown_delivery_runtime_is_refused(net: Net, tmp_path: Path) -> None:
+    d = delivery(net, tmp_path)
+    d.runtime = "curio"
+    mta = MTA(settings(tmp_path), d, fsync=False)
+    with pytest.raises(ValueError, match="delivery runtime must be one of"):
+        mta.start()
+    assert mta.controller is None  # refused before anything was started
+
+
 def test_mta_refuses_to_relay_for_strangers_but_accepts_local_domains(
     net: Net, tmp_path: Path
 ) -> None:

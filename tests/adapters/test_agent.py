@@ -1,0 +1,123 @@
+"""adapters/_agent.py: the generator plumbing the two delivery agents share, and the promise
+that both agents offer the same verbs.  (The delivery scenarios themselves run on both
+agents in tests/adapters/test_delivery.py.)"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Generator
+
+import anyio
+import pytest
+
+from mailwire.adapters._agent import (
+    AgentCore,
+    Blocking,
+    Op,
+    Steps,
+    drive,
+    drive_async,
+    is_async_callable,
+    reason,
+)
+from mailwire.adapters._delivery_anyio import DeliveryAgent
+from mailwire.adapters._delivery_threads import BlockingDeliveryAgent
+
+
+def _steps(log: list[str]) -> Steps[str]:
+    first = yield Blocking(str.upper, ("a",))
+    log.append(f"got {first}")
+    try:
+        yield Blocking(int, ("not a number",))
+    except ValueError:
+        log.append("caught at the yield")
+    try:
+        last = yield Blocking(str.lower, ("B",))
+        return f"{first}{last}"
+    finally:
+        log.append("closed")
+
+
+def _do(op: Op) -> object:
+    assert isinstance(op, Blocking)
+    return op.fn(*op.args)
+
+
+async def _do_async(op: Op) -> object:
+    await anyio.sleep(0)
+    return _do(op)
+
+
+def test_drive_sends_results_and_throws_errors_at_the_yield() -> None:
+    log: list[str] = []
+    assert drive(_steps(log), _do) == "Ab"
+    assert log == ["got A", "caught at the yield", "closed"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_drive_async_is_the_same_on_both_event_loops(backend: str) -> None:
+    log: list[str] = []
+    assert anyio.run(drive_async, _steps(log), _do_async, backend=backend) == "Ab"
+    assert log == ["got A", "caught at the yield", "closed"]
+
+
+def test_an_error_the_steps_do_not_handle_comes_out_of_drive() -> None:
+    def steps() -> Generator[Op, object, None]:
+        yield Blocking(int, ("x",))
+
+    with pytest.raises(ValueError):
+        drive(steps(), _do)
+
+
+def test_an_interrupted_drive_closes_the_steps() -> None:
+    log: list[str] = []
+
+    def interrupt(op: Op) -> object:
+        if isinstance(op, Blocking) and op.fn is str.lower:
+            raise KeyboardInterrupt  # not an Exception: not thrown into the steps
+        return _do(op)
+
+    with pytest.raises(KeyboardInterrupt):
+        drive(_steps(log), interrupt)
+    assert log[-1] == "closed"
+
+
+def _public(cls: type) -> dict[str, bool]:
+    """Public methods -> is it a coroutine function."""
+    return {
+        name: inspect.iscoroutinefunction(fn)
+        for name, fn in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_both_agents_offer_the_same_verbs() -> None:
+    anyio_verbs, thread_verbs = _public(DeliveryAgent), _public(BlockingDeliveryAgent)
+    assert set(anyio_verbs) == set(thread_verbs)
+    for verb in ("start", "run", "run_once", "queue", "flush", "hold", "release", "delete"):
+        assert verb in anyio_verbs
+    assert "stop" in anyio_verbs
+    # the same verbs; awaitable on anyio where they do I/O, plain calls on threads
+    assert not any(thread_verbs.values())
+    awaited = {name for name, is_async in anyio_verbs.items() if is_async}
+    assert awaited == {"start", "submit", "delete", "deliver", "run", "run_once"}
+    shared = {n for n in anyio_verbs if getattr(AgentCore, n, None) is not None}
+    assert {"queue", "flush", "hold", "release", "enqueue"} <= shared
+
+
+def test_async_callables_are_told_apart_from_plain_ones() -> None:
+    async def coro(a: str, b: str, c: bytes) -> None:
+        return None
+
+    class Box:
+        async def __call__(self, a: str, b: str, c: bytes) -> None:
+            return None
+
+    assert is_async_callable(coro) and is_async_callable(Box())
+    assert not is_async_callable(print)
+
+
+def test_connection_failures_read_briefly() -> None:
+    assert reason(TimeoutError()) == "connection timed out"
+    assert reason(ConnectionRefusedError(111, "Connection refused")) == "Connection refused"
+    assert reason(OSError()) == "OSError"
