@@ -86,6 +86,7 @@ import concurrent.futures
 import logging
 import os
 import re
+import stat
 import struct
 import tempfile
 import threading
@@ -654,19 +655,29 @@ class LogStore(GroupCommitter):
             names.append((int(m.group(1), 16), path))
         for name in os.listdir(self.tmp_dir):  # named spill files (no O_TMPFILE): never acked
             _unlink_quietly(os.path.join(self.tmp_dir, name))
-        names.sort()
-        last = names[-1][0] if names else None
-        for seq, path in names:
+        opened: list[_Segment] = []
+        for seq, path in sorted(names):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as exc:  # e.g. a directory where a segment should be
                 log.warning("spool: %s unreadable (%s), moved to corrupt/", path, exc.strerror)
                 os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
                 continue
-            size = os.fstat(fd).st_size
-            seg = _Segment(seq, path, fd, max(size, 1))
-            self._segments[seq] = seg
-            self._scan_segment(seg, os.pread(fd, size, 0) if size else b"", seq == last)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                log.warning("spool: %s is not a regular file, moved to corrupt/", path)
+                os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
+                continue
+            opened.append(_Segment(seq, path, fd, max(info.st_size, 1)))
+        # only the highest segment can hold a torn tail, and only it is appended to: it is
+        # scanned as the last one (tail truncated, preallocated again), so appends never
+        # follow bytes of unknown state
+        for seg in opened:
+            self._segments[seg.seq] = seg
+            size = os.fstat(seg.fd).st_size
+            data = os.pread(seg.fd, size, 0) if size else b""
+            self._scan_segment(seg, data, seg is opened[-1])
         tombstoned = self._tombs.keys()
         for queue_id in [q for q in self._index if q in tombstoned]:
             self._kill(queue_id)

@@ -1,4 +1,5 @@
-"""Fuzz target: recovery of a damaged durable spool (adapters/_spool.py, DirectoryStore).
+"""Fuzz target: recovery of a damaged durable spool, both backends: DirectoryStore
+(adapters/_spool.py, a file per message) and LogStore (adapters/_segstore.py, a segment log).
 
     pip install '.[fuzz]'
     python fuzz/fuzz_spool.py fuzz/corpus/spool -max_total_time=600
@@ -10,8 +11,9 @@ drop garbage or complete-but-never-renamed messages into tmp/, junk names in que
 directory where a message should be, and well-framed files with arbitrary envelope JSON (what
 a format change or manual edit leaves) -- and open the spool again and recover().
 
-Input: byte 0 = message count (low 2 bits, plus one) and whether a half-received message is
-left behind (bit 2); then records of ``op target args...`` (see OPS below).  Invariants:
+Input: byte 0 bit 3 picks the backend.  DirectoryStore (bit 3 clear): byte 0 = message count
+(low 2 bits, plus one) and whether a half-received message is left behind (bit 2); then
+records of ``op target args...`` (see OPS below).  Invariants:
   * recover() never raises, get() of a recovered ID never raises;
   * a recovered ID was acknowledged (or is a planted well-framed file): nothing that was
     never acknowledged comes back -- not the half-received message, not a complete message
@@ -21,6 +23,22 @@ left behind (bit 2); then records of ``op target args...`` (see OPS below).  Inv
     comes back;
   * tmp/ is empty afterwards; list() equals what recover() returned; a second recovery
     returns the same IDs.
+
+LogStore (bit 3 set; 2 KiB segments, so messages spread over several): byte 0 bits 4-6 =
+message count minus one, bit 2 = a half-received (spilled) message left behind, bit 7 = every
+third message deleted (tombstones; small segments make the store unlink and compact while
+the messages are written); then records of ``op segment args...`` (LOG_OPS): truncate,
+overwrite, garbage written after the last record (a torn, unacknowledged write), segment file
+deleted, a well-framed record with an arbitrary envelope and queue ID planted after the last
+record, a new highest segment holding a torn record, garbage in tmp/, junk names and a
+directory in segments/.  Invariants:
+  * recover() never raises, get() of a recovered ID never raises, IDs come oldest first;
+  * nothing comes back that was neither acknowledged nor planted (not the half message);
+  * an acknowledged message comes back byte-identical, and always comes back unless some
+    change hit its segment at or before its record's end (for every copy of the record);
+  * a deleted message stays deleted unless every one of its tombstones was hit the same way;
+  * tmp/ is empty; list() equals recover(); a second recovery returns the same IDs; a message
+    put after recovery is there after the next one (the torn tail was cleaned).
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import tempfile
 import zlib
 from dataclasses import replace
 
+from mailwire.adapters._segstore import MESSAGE, LogStore, decode_record, encode_record
 from mailwire.adapters._spool import (
     DirectoryStore,
     QueueIds,
@@ -87,6 +106,9 @@ def _framed(content: bytes, envelope_json: bytes) -> bytes:
 
 
 def run(data: bytes, root: str) -> None:
+    if data[0] & 8:
+        run_log(data, root)
+        return
     count = (data[0] & 3) + 1
     store = DirectoryStore(root, fsync=False, spill=64)
     acked: dict[str, tuple[SpoolEnvelope, bytes]] = {}
@@ -187,6 +209,161 @@ def check(
         assert leftovers == [], f"tmp/ not cleaned: {leftovers}"
         assert store.list() == recovered
         assert store.recover() == recovered, "a second recovery differs"
+    finally:
+        store.close()
+
+
+# --- LogStore ------------------------------------------------------------------------------------
+
+SEGMENT = 2048
+LOG_OPS = ["truncate", "overwrite", "torn-write", "delete", "plant", "torn-new-segment",
+           "tmp-garbage", "junk-name", "directory"]  # fmt: skip
+
+
+def _log_layout(root: str) -> dict[str, list[tuple[int, str, int]]]:
+    """Per segment file name: (kind, queue ID, end offset) of its records, in order."""
+    out: dict[str, list[tuple[int, str, int]]] = {}
+    segdir = os.path.join(root, "segments")
+    for name in sorted(os.listdir(segdir)):
+        with open(os.path.join(segdir, name), "rb") as f:
+            raw = f.read()
+        records, pos = [], 0
+        while (record := decode_record(raw, pos)) is not None:
+            pos += record.length
+            records.append((record.kind, record.queue_id, pos))
+        out[name] = records
+    return out
+
+
+def _records_end(path: str) -> int:
+    with open(path, "rb") as f:
+        raw = f.read()
+    pos = 0
+    while (record := decode_record(raw, pos)) is not None:
+        pos += record.length
+    return pos
+
+
+def _patch(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def run_log(data: bytes, root: str) -> None:
+    count = (data[0] >> 4 & 7) + 1
+    store = LogStore(root, fsync=False, spill=64, segment_size=SEGMENT)
+    acked: dict[str, tuple[SpoolEnvelope, bytes]] = {}
+    deleted: set[str] = set()
+    for i in range(count):
+        env, content = _envelope(i), _content(i)
+        queue_id = store.put(env, [content[:10], content[10:]])
+        acked[queue_id] = (replace(env, size=len(content)), content)
+        if data[0] & 128 and i % 3 == 0:
+            store.delete(queue_id)
+            deleted.add(queue_id)
+    if data[0] & 4:  # a message half-received when the process died: never acked
+        writer = store.begin()
+        writer.write(b"Subject: unacknowledged\r\n\r\n" + b"x" * 100)
+    store.close()
+
+    segdir = os.path.join(root, "segments")
+    layout = _log_layout(root)
+    hits: dict[str, int] = {}  # segment name -> lowest offset changed (-1: file deleted)
+    planted: set[str] = set()
+    r = Reader(data[1:])
+    while r.more:
+        name = LOG_OPS[r.byte() % len(LOG_OPS)]
+        segments = sorted(n for n in os.listdir(segdir) if n.endswith(".seg"))
+        files = [n for n in segments if os.path.isfile(os.path.join(segdir, n))]
+        target = files[r.byte() % len(files)] if files else None
+        path = os.path.join(segdir, target) if target else ""
+
+        def hit(offset: int, seg: str | None = target) -> None:
+            if seg is not None and hits.get(seg, offset + 1) > offset:
+                hits[seg] = offset
+
+        if name == "truncate" and target:
+            at = r.word() * 8 % (os.path.getsize(path) + 1)
+            os.truncate(path, at)
+            hit(at)
+        elif name == "overwrite" and target:
+            at = r.word() % max(os.path.getsize(path), 1)
+            _patch(path, at, r.take(r.byte() % 16 + 1))
+            hit(at)
+        elif name == "torn-write" and target:  # garbage after the records: unacknowledged
+            _patch(path, _records_end(path), r.take(r.byte() % 64 + 1))
+        elif name == "delete" and target:
+            os.unlink(path)
+            hit(-1)
+        elif name == "plant" and target:  # a well-framed record after the last one
+            planted_id = IDS.new()
+            envelope_json = r.take(r.word() % 4096)
+            _patch(path, _records_end(path), encode_record(MESSAGE, planted_id, envelope_json,
+                                                           b"planted"))  # fmt: skip
+            planted.add(planted_id)
+        elif name == "torn-new-segment":
+            seq = max((int(n[:16], 16) for n in segments), default=0) + 1
+            record = encode_record(MESSAGE, IDS.new(), acked and next(iter(acked.values()))[0]
+                                   .to_json() or b"{}", b"never acknowledged")  # fmt: skip
+            with open(os.path.join(segdir, f"{seq:016x}.seg"), "wb") as f:
+                f.write(record[: max(1, r.byte() * len(record) // 256)])
+        elif name == "tmp-garbage":
+            with open(os.path.join(root, "tmp", f"g{r.pos}"), "wb") as f:
+                f.write(r.take(r.byte()))
+        elif name == "junk-name":
+            with open(os.path.join(segdir, f"junk-{r.pos}.tmp"), "wb") as f:
+                f.write(r.take(r.byte()))
+        elif name == "directory":
+            seq = max((int(n[:16], 16) for n in segments), default=0) + 1 + r.byte() % 3
+            os.mkdir(os.path.join(segdir, f"{seq:016x}.seg"))
+    check_log(root, acked, deleted, planted, layout, hits)
+
+
+def check_log(
+    root: str,
+    acked: dict[str, tuple[SpoolEnvelope, bytes]],
+    deleted: set[str],
+    planted: set[str],
+    layout: dict[str, list[tuple[int, str, int]]],
+    hits: dict[str, int],
+) -> None:
+    def places(queue_id: str, kind: int) -> list[tuple[str, int]]:
+        return [(seg, end) for seg, records in layout.items() for k, q, end in records
+                if q == queue_id and k == kind]  # fmt: skip
+
+    def intact(seg: str, end: int) -> bool:
+        return seg not in hits or hits[seg] >= end
+
+    store = LogStore(root, fsync=False, segment_size=SEGMENT)
+    try:
+        recovered = store.recover()  # must never raise, whatever the damage
+        assert recovered == sorted(recovered), "not oldest first"
+        assert set(recovered) <= set(acked) | planted, "recovered a message never acknowledged"
+        for queue_id in recovered:
+            message = store.get(queue_id)
+            if queue_id in acked:
+                envelope, content = acked[queue_id]
+                assert message.content == content, f"{queue_id}: content changed"
+                assert message.envelope == envelope, f"{queue_id}: envelope changed"
+        for queue_id in acked:
+            if queue_id in deleted:
+                if queue_id in recovered:
+                    tombs = places(queue_id, 2)
+                    assert tombs and not any(intact(*t) for t in tombs), f"{queue_id} resurrected"
+            elif any(intact(*place) for place in places(queue_id, MESSAGE)):
+                assert queue_id in recovered, f"{queue_id}: intact but not recovered"
+            else:
+                assert places(queue_id, MESSAGE) or queue_id not in recovered
+        assert os.listdir(os.path.join(root, "tmp")) == [], "tmp/ not cleaned"
+        assert store.list() == recovered
+        assert store.recover() == recovered, "a second recovery differs"
+        extra = store.put(_envelope(9), [b"after recovery"])
+    finally:
+        store.close()
+    store = LogStore(root, fsync=False, segment_size=SEGMENT)
+    try:
+        assert store.recover() == sorted([*recovered, extra]), "recovery after a put differs"
     finally:
         store.close()
 

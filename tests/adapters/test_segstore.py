@@ -202,6 +202,27 @@ def test_record_with_a_valid_checksum_but_a_bad_envelope_is_quarantined(tmp_path
         assert len(os.listdir(tmp_path / "corrupt")) == 1
 
 
+def test_appends_after_recovery_never_follow_damage_in_the_real_last_segment(
+    tmp_path: Path,
+) -> None:
+    # found by fuzz_spool: a directory named like a higher segment made the real last
+    # segment look sealed, its torn tail was quarantined but not cut, the next message went
+    # after the garbage, and the recovery after that dropped it as part of a torn tail
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+        kept = s.put(envelope(1), [b"kept"])
+    (segment,) = segments(tmp_path)
+    end = layout(segment)[-1][3]
+    with open(segment, "r+b") as f:
+        f.seek(end)
+        f.write(b"torn write")
+    (tmp_path / "segments" / "00000000000000ff.seg").mkdir()
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+        assert s.recover() == [kept]
+        later = s.put(envelope(2), [b"acknowledged after recovery"])
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+        assert s.recover() == [kept, later]
+
+
 def test_junk_in_the_segments_directory_is_ignored_or_moved_aside(tmp_path: Path) -> None:
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
         kept = s.put(envelope(1), [b"kept"])
