@@ -17,13 +17,22 @@
 # crash on a journal-less file system (this machine's ext4) left with stale blocks.  A
 # leftover in tmp/ was never acknowledged: recovery deletes it.
 #
-# Group commit.  fsync() costs milliseconds here (~5-10 ms on this virtual disk) whatever the
-# size of the file, so one fsync per message caps acceptance near 100 messages/s.  A single
-# committer thread takes every commit request that is waiting, fsyncs the batch's files in
-# parallel on a small thread pool (the device merges concurrent flushes), renames them all and
-# fsyncs queue/ once, then releases the waiters.  While a batch is on disk the next one
-# gathers, so concurrent sessions share flushes and a lone session pays one round.
-# ``max_batch=1`` gives the classic one-message-at-a-time behaviour (for comparison).
+# Backends.  MessageStore/MessageWriter are the interface; DirectoryStore (this module, format
+# "files") and LogStore (adapters/_segstore.py, format "log": a segment log, no file per
+# message) implement it.  open_store(directory, store_format) picks one; each format marks
+# its directory (queue/ or segments/), detect_format() reads the mark, and a store refuses a
+# directory of the other format (a spool is never converted implicitly).
+#
+# Group commit (GroupCommitter, shared by both backends).  fsync() costs milliseconds here
+# (~5-10 ms on this virtual disk when it is "cold") whatever the size of the file, so one
+# fsync per message caps acceptance near 100 messages/s.  A single committer thread takes
+# every commit request that is waiting and hands the batch to the backend.  DirectoryStore
+# fsyncs the batch's files in parallel on a small thread pool (the device merges concurrent
+# flushes), renames them all and fsyncs queue/ once, then releases the waiters.  While a batch
+# is on disk the next one gathers, so concurrent sessions share flushes and a lone session
+# pays one round.  ``max_batch=1`` gives the classic one-message-at-a-time behaviour (for
+# comparison).  SpoolHandler wakes an event loop once per batch, not once per message
+# (_Wakeups).
 #
 # Inode reuse.  On this machine's journal-less ext4, creating a file costs ~0.7 ms of system
 # CPU (inode allocation; appending to a file costs ~2 us, renaming one ~20 us), more than all
