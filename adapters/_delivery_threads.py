@@ -226,12 +226,13 @@ class BlockingDeliveryAgent(AgentCore):
         except OSError as exc:
             return reason(exc)
         session = op.start(time.monotonic())
+        current = [sock]  # the socket in use: the TLS one after STARTTLS
         self._track(sock, None)
         try:
-            sock = self._converse(session, sock, target.host)
+            self._converse(session, current, target.host)
         finally:
-            self._track(None, sock)
-            sock.close()
+            self._track(None, current[0])
+            current[0].close()
         return session
 
     def _track(self, new: socket.socket | None, old: socket.socket | None) -> None:
@@ -244,20 +245,21 @@ class BlockingDeliveryAgent(AgentCore):
                     with contextlib.suppress(OSError):
                         socket.socket.shutdown(new, socket.SHUT_RDWR)
 
-    def _converse(self, session: DeliverySession, sock: socket.socket, host: str) -> socket.socket:
+    def _converse(self, session: DeliverySession, current: list[socket.socket], host: str) -> None:
         timeout = self.config.reply_timeout
+        sock = current[0]
         while True:
             try:
                 while out := session.data_to_send():  # a body comes out chunk by chunk
                     sock.settimeout(timeout)
                     sock.sendall(out)
                 if session.done:
-                    return sock
+                    return
                 if session.wants_tls:
                     session.tls_failed = True  # until the handshake completes
                     sock.settimeout(timeout)
                     plain = sock
-                    sock = self.tls_context.wrap_socket(
+                    sock = current[0] = self.tls_context.wrap_socket(
                         plain, server_hostname=host, do_handshake_on_connect=False
                     )
                     self._track(sock, plain)
@@ -278,7 +280,7 @@ class BlockingDeliveryAgent(AgentCore):
             except OSError as exc:  # ssl.SSLError, resets, send timeouts
                 session.connection_failed(reason(exc))
             if session.done:
-                return sock
+                return
 
 
 __all__ = ["BlockingDeliveryAgent"]
