@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -179,6 +180,37 @@ def test_an_unknown_delivery_runtime_is_refused(net: Net, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="delivery runtime must be one of"):
         mta.start()
     assert mta.controller is None  # refused before anything was started
+
+
+@over_runtimes
+def test_stop_cuts_a_hung_delivery_and_keeps_its_message(
+    net: Net, tmp_path: Path, runtime: str
+) -> None:
+    silent = socket.socket()  # accepts connections (backlog) and never says a word
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.5", net.port))
+    silent.listen(8)
+    d = delivery(net, tmp_path)
+    d.reply_timeout = 300.0
+    mta = MTA(settings(tmp_path, runtime), d, fsync=False)
+    mta.start()
+    try:
+        host, port = mta.addresses[0]
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@sender.test", ["hung@later.test"], MESSAGE)
+        assert eventually(lambda: [m.active for m in mta.queue()] == [True])
+        stopper = threading.Thread(target=mta.stop)
+        stopper.start()
+        stopper.join(30)  # a bound, not a timing assertion: the session would wait 300 s
+        assert not stopper.is_alive()
+        conn, _ = silent.accept()  # the agent's connection, waiting for a greeting ...
+        with conn:
+            conn.settimeout(30)
+            assert conn.recv(1024) == b""  # ... was closed by stop(), not left hanging
+    finally:
+        mta.stop()
+        silent.close()
+    assert len(os.listdir(tmp_path / "spool" / "queue")) == 1  # still owned by the queue
 
 
 def test_mta_refuses_to_relay_for_strangers_but_accepts_local_domains(
