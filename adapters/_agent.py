@@ -39,7 +39,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 import random
@@ -249,7 +248,6 @@ class AgentCore:
         self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
         # Messages whose delay notice went out before a restart (from the journal): the
         # Scheduler does not know, and would signal a second one.
-        self._delay_notified: set[str] = set()
         # Guards the Scheduler and the counters: a no-op where one thread does everything.
         self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
@@ -264,6 +262,7 @@ class AgentCore:
         envelope: SpoolEnvelope,
         *,
         states: Sequence[RecipientState] | None = None,
+        delay_warned: bool = False,
     ) -> None:
         """Queue a message the store already holds (anyio: call on the agent's event loop;
         threads: from any thread).
@@ -272,12 +271,18 @@ class AgentCore:
             queue_id: its queue ID.
             envelope: its envelope.
             states: recipient states restored from the journal (default: all pending).
+            delay_warned: the journal says a delay notice went out before a restart.
         """
         message = self._message(queue_id, envelope)
         with self._lock:
             if queue_id in self.scheduler:
                 return
-            self.scheduler.add(message, due=min(message.arrival, self.clock()), states=states)
+            self.scheduler.add(
+                message,
+                due=min(message.arrival, self.clock()),
+                states=states,
+                delay_warned=delay_warned,
+            )
         log.info("%s: queued from=<%s> nrcpt=%d", queue_id, message.sender, len(message.recipients))
         self.wake()
 
@@ -304,6 +309,7 @@ class AgentCore:
                 log.error("%s: cannot read from the spool, left there: %s", queue_id, exc)
                 continue
             states = None
+            warned = False
             if self.journal is not None:
                 message = self._message(queue_id, stored.envelope)
                 states = yield from self._blocking(self.journal.states, message)
@@ -311,9 +317,8 @@ class AgentCore:
                     # finished before the restart, only its removal was missing
                     yield from self._remove(queue_id)
                     continue
-                if (yield from self._blocking(self.journal.delay_notice_sent, queue_id)):
-                    self._delay_notified.add(queue_id)
-            self.enqueue(queue_id, stored.envelope, states=states)
+                warned = yield from self._blocking(self.journal.delay_notice_sent, queue_id)
+            self.enqueue(queue_id, stored.envelope, states=states, delay_warned=warned)
             queued.append(queue_id)
         return queued
 
@@ -505,8 +510,6 @@ class AgentCore:
     def _after(
         self, completion: Completion, message: QueuedMessage, content: bytes, now: float
     ) -> Steps[None]:
-        if completion.delay_warning and message.queue_id in self._delay_notified:
-            completion = dataclasses.replace(completion, delay_warning=False)  # sent already
         dsns = notifications(
             completion,
             message,
@@ -534,7 +537,6 @@ class AgentCore:
                 partial(self.journal.record, delay_notice=delayed), message.queue_id, final
             )
         if completion.finished is not None:
-            self._delay_notified.discard(message.queue_id)
             yield from self._remove(message.queue_id)
 
     def _remove(self, queue_id: str) -> Steps[None]:

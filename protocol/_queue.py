@@ -546,6 +546,7 @@ class Scheduler:
         *,
         due: float | None = None,
         states: Sequence[RecipientState] | None = None,
+        delay_warned: bool = False,
     ) -> None:
         """Queue a message.
 
@@ -554,6 +555,8 @@ class Scheduler:
             due: when its first delivery is due (default: its arrival time).
             states: recorded recipient states when restoring a queue after a restart (final
                 recipients are not scheduled again); default: all PENDING.
+            delay_warned: a delay notice was already sent for it before a restart (no
+                second one is signalled).
 
         Raises:
             ValueError: if the queue id is already queued, ``states`` does not match the
@@ -570,6 +573,7 @@ class Scheduler:
             if all(s.status.is_final for s in st):
                 raise ValueError("every recipient is final: nothing to queue")
         msg = _Msg(message, st)
+        msg.warned = delay_warned
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(st):
             if not s.status.is_final:

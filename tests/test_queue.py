@@ -298,6 +298,17 @@ def test_delay_warning_is_signalled_once_after_four_hours() -> None:
     assert s.message("q1").delay_warned
 
 
+def test_a_restored_delay_warning_is_not_signalled_again() -> None:
+    s = Scheduler()
+    s.add(msg("q1", "a@x.example"), delay_warned=True)
+    assert s.message("q1").delay_warned
+    done = s.complete(one(s, 5 * 3600), now=5 * 3600, reply=LATER)
+    assert done is not None and not done.delay_warning
+    s.add(msg("q2", "a@y.example"))
+    done = s.complete(one(s, 5 * 3600), now=5 * 3600, reply=LATER)
+    assert done is not None and done.delay_warning
+
+
 def test_no_delay_warning_when_disabled() -> None:
     s = Scheduler(RetryPolicy(delay_warning=None))
     s.add(msg("q1", "a@x.example"))

@@ -896,6 +896,7 @@ def test_a_restart_does_not_send_a_second_delay_notice(mx: Net, tmp_path: Path, 
         # the process dies; the next one must not tell the sender a second time
         second = w.new_agent(journal=journal)
         assert await w.start(second) == [qid]
+        assert second.scheduler.message(qid).delay_warned  # restored, as `queue show` says
         for _ in range(3):
             wakeup = second.scheduler.next_wakeup()
             assert wakeup is not None
