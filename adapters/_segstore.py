@@ -99,6 +99,7 @@ from mailwire.adapters._spool import (
     SpoolEnvelope,
     SpoolError,
     StoredMessage,
+    WriterBase,
     _fsync_dir,
     _Request,
     _valid_id,
@@ -192,11 +193,11 @@ class _Segment:
     broken: bool = False  # a write or flush failed: append nothing more
 
 
-class _LogWriter:
+class _LogWriter(WriterBase):
     """A LogStore message in progress: content in memory, or in an anonymous temporary file
     once it exceeds the store's ``spill``."""
 
-    __slots__ = ("store", "chunks", "size", "crc", "spill_fd", "done")
+    __slots__ = ("chunks", "size", "crc", "spill_fd")
 
     def __init__(self, store: LogStore) -> None:
         self.store = store
@@ -221,18 +222,6 @@ class _LogWriter:
                 self.spill_fd = os.dup(f.fileno())
             _write_all(self.spill_fd, b"".join(self.chunks))
             self.chunks = []
-
-    def commit(self, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
-        if self.done:
-            raise SpoolError("message already committed or aborted")
-        self.done = True
-        return self.store._submit(self, envelope)
-
-    def abort(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.release()
 
     def release(self) -> None:
         self.chunks = []
@@ -429,8 +418,8 @@ class LogStore(GroupCommitter):
         except OSError as exc:
             seg.broken = True  # unknown bytes on disk: append nothing more here
             self._gc_due = True
+            self._erase(seg, run[0].offset, seg.end)  # before the waiters hear of it
             self._fail(run, f"could not write segment: {exc}")
-            self._erase(seg, run[0].offset, seg.end)
             return False
         done: list[tuple[_Request, str]] = []
         with self._lock:
@@ -547,18 +536,13 @@ class LogStore(GroupCommitter):
         with self._lock:
             del self._segments[seg.seq]
             os.close(seg.fd)
-            for queue_id in seg.ids:
-                holders = self._records.get(queue_id)
-                if holders is not None:
-                    holders.discard(seg.seq)
-                    if not holders:
-                        del self._records[queue_id]
-            for queue_id in seg.tombs:
-                holders = self._tombs.get(queue_id)
-                if holders is not None:
-                    holders.discard(seg.seq)
-                    if not holders:
-                        del self._tombs[queue_id]
+            for ids, where in ((seg.ids, self._records), (seg.tombs, self._tombs)):
+                for queue_id in ids:
+                    holders = where.get(queue_id)
+                    if holders is not None:
+                        holders.discard(seg.seq)
+                        if not holders:
+                            del where[queue_id]
         self.unlinked += 1
         self._generation += 1
         log.info("spool: segment %s unlinked (no live message)", os.path.basename(seg.path))

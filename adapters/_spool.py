@@ -322,10 +322,42 @@ def _footer(content_len: int, env_len: int, crc: int) -> bytes:
     return b"%s %016x %08x %08x\n" % (_FOOTER_MAGIC, content_len, env_len, crc)
 
 
-class _Writer:
+class WriterBase:
+    """The commit()/abort() protocol shared by the backends' MessageWriters: one of them,
+    once; commit() hands the writer to its store's ``_submit``, abort() to ``release``."""
+
+    __slots__ = ("store", "done")
+    store: Any
+    done: bool
+
+    def commit(self, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
+        """Make the message durable; the future gives its queue ID once it is on disk.
+
+        Raises:
+            SpoolError: already committed or aborted, or the store is closed.
+        """
+        if self.done:
+            raise SpoolError("message already committed or aborted")
+        self.done = True
+        future: concurrent.futures.Future[str] = self.store._submit(self, envelope)
+        return future
+
+    def abort(self) -> None:
+        """Forget the message (nothing if already committed or aborted)."""
+        if self.done:
+            return
+        self.done = True
+        self.release()
+
+    def release(self) -> None:
+        """Free what holds the content (memory, temporary file)."""
+        raise NotImplementedError
+
+
+class _Writer(WriterBase):
     """A DirectoryStore message in progress (content in memory until it spills)."""
 
-    __slots__ = ("store", "chunks", "size", "fd", "path", "crc", "done")
+    __slots__ = ("chunks", "size", "fd", "path", "crc")
 
     def __init__(self, store: DirectoryStore) -> None:
         self.store = store
@@ -360,16 +392,7 @@ class _Writer:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             self.fd = os.open(self.path, flags, 0o600)
 
-    def commit(self, envelope: SpoolEnvelope) -> concurrent.futures.Future[str]:
-        if self.done:
-            raise SpoolError("message already committed or aborted")
-        self.done = True
-        return self.store._submit(self, envelope)
-
-    def abort(self) -> None:
-        if self.done:
-            return
-        self.done = True
+    def release(self) -> None:
         self.chunks = []
         if self.fd >= 0:
             os.close(self.fd)

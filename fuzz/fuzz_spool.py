@@ -179,6 +179,25 @@ OPS = ["truncate", "overwrite", "append", "delete", "tmp-garbage", "tmp-complete
        "queue-junk-name", "queue-directory", "plant"]  # fmt: skip
 
 
+def check_recovered(
+    store: DirectoryStore | LogStore,
+    acked: dict[str, tuple[SpoolEnvelope, bytes]],
+    planted: set[str],
+) -> list[str]:
+    """recover(): never raises, oldest first, nothing never acknowledged (or planted), every
+    acknowledged message it returns byte-identical; returns what it recovered."""
+    recovered = store.recover()  # must never raise, whatever the damage
+    assert recovered == sorted(recovered), "not oldest first"
+    assert set(recovered) <= set(acked) | planted, "recovered a message never acknowledged"
+    for queue_id in recovered:
+        message = store.get(queue_id)
+        if queue_id in acked:
+            envelope, content = acked[queue_id]
+            assert message.content == content, f"{queue_id}: content changed"
+            assert message.envelope == envelope, f"{queue_id}: envelope changed"
+    return recovered
+
+
 def check(
     root: str,
     acked: dict[str, tuple[SpoolEnvelope, bytes]],
@@ -188,15 +207,7 @@ def check(
 ) -> None:
     store = DirectoryStore(root, fsync=False)
     try:
-        recovered = store.recover()  # must never raise, whatever the damage
-        assert recovered == sorted(recovered), "not oldest first"
-        assert set(recovered) <= set(acked) | planted, "recovered a message never acknowledged"
-        for queue_id in recovered:
-            message = store.get(queue_id)
-            if queue_id in acked:
-                envelope, content = acked[queue_id]
-                assert message.content == content, f"{queue_id}: content changed"
-                assert message.envelope == envelope, f"{queue_id}: envelope changed"
+        recovered = check_recovered(store, acked, planted)
         corrupt = set(os.listdir(os.path.join(root, "corrupt")))
         for queue_id in acked:
             if queue_id in deleted:
@@ -337,15 +348,7 @@ def check_log(
 
     store = LogStore(root, fsync=False, segment_size=SEGMENT)
     try:
-        recovered = store.recover()  # must never raise, whatever the damage
-        assert recovered == sorted(recovered), "not oldest first"
-        assert set(recovered) <= set(acked) | planted, "recovered a message never acknowledged"
-        for queue_id in recovered:
-            message = store.get(queue_id)
-            if queue_id in acked:
-                envelope, content = acked[queue_id]
-                assert message.content == content, f"{queue_id}: content changed"
-                assert message.envelope == envelope, f"{queue_id}: envelope changed"
+        recovered = check_recovered(store, acked, planted)
         for queue_id in acked:
             if queue_id in deleted:
                 if queue_id in recovered:

@@ -64,6 +64,17 @@ def layout(path: Path) -> list[tuple[int, str, int, int]]:
     return out
 
 
+def one_message_then(directory: Path, data: bytes) -> str:
+    """A log holding one message, then ``data`` written right after its record."""
+    with LogStore(directory, fsync=False, segment_size=SMALL) as s:
+        kept = s.put(envelope(1), [b"kept"])
+    (segment,) = segments(directory)
+    with open(segment, "r+b") as f:
+        f.seek(layout(segment)[-1][3])
+        f.write(data)
+    return kept
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LogStore]:
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
@@ -190,13 +201,7 @@ def test_damage_in_a_sealed_segment_is_quarantined_and_the_rest_recovered(
 
 
 def test_record_with_a_valid_checksum_but_a_bad_envelope_is_quarantined(tmp_path: Path) -> None:
-    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
-        kept = s.put(envelope(1), [b"kept"])
-    (segment,) = segments(tmp_path)
-    end = layout(segment)[-1][3]
-    with open(segment, "r+b") as f:
-        f.seek(end)
-        f.write(encode_record(MESSAGE, IDS.new(), b'{"sender": 1}', b"planted"))
+    kept = one_message_then(tmp_path, encode_record(MESSAGE, IDS.new(), b'{"sender": 1}', b"p"))
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
         assert s.recover() == [kept]
         assert len(os.listdir(tmp_path / "corrupt")) == 1
@@ -208,13 +213,7 @@ def test_appends_after_recovery_never_follow_damage_in_the_real_last_segment(
     # found by fuzz_spool: a directory named like a higher segment made the real last
     # segment look sealed, its torn tail was quarantined but not cut, the next message went
     # after the garbage, and the recovery after that dropped it as part of a torn tail
-    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
-        kept = s.put(envelope(1), [b"kept"])
-    (segment,) = segments(tmp_path)
-    end = layout(segment)[-1][3]
-    with open(segment, "r+b") as f:
-        f.seek(end)
-        f.write(b"torn write")
+    kept = one_message_then(tmp_path, b"torn write")
     (tmp_path / "segments" / "00000000000000ff.seg").mkdir()
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
         assert s.recover() == [kept]
