@@ -4,6 +4,14 @@
 This module only moves bytes, sleeps until the engine's deadline (socket timeouts) and does
 TLS (``SSLContext.wrap_socket``); every SMTP decision is made by :mod:`mailwire.protocol` and
 the handler, through :mod:`mailwire.adapters._driver`.  Handler methods are plain functions.
+
+Plain sockets are used in blocking mode with kernel timeouts (``SO_RCVTIMEO``/``SO_SNDTIMEO``)
+instead of Python socket timeouts: a socket with a Python timeout polls before every recv() and
+send(), and each extra syscall is a GIL hand-off that 20 busy threads fight over.  So a read is
+one recv() and a reply one send().  The receive timeout follows the engine's deadline (it is
+only reset when it is too long or far too short, so the common case costs no setsockopt); a
+shutdown kick wakes a blocked recv() by shutting the socket's read side.  TLS sockets (after
+STARTTLS, or implicit TLS) poll the socket and the shutdown phase pipe before each read.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import select
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +47,7 @@ __all__ = ["Controller", "SendError", "SendResult", "send_message", "serve"]
 log = logging.getLogger("mailwire.adapters.threads")
 READ_SIZE = 64 * 1024
 _CLOSE_TIMEOUT = 5.0  # bound on flushing a 421 and joining sessions after shutdown
+_TIMEOUT_SLACK = 0.01  # a receive timeout up to this much longer than the deadline is kept
 
 
 class _Server:
@@ -133,10 +143,14 @@ class _Server:
 
     def _connection(self, sock: socket.socket) -> None:
         try:
-            sock.settimeout(self.config.command_timeout)
             if self.implicit_tls:
                 assert self.tls_context is not None
+                sock.settimeout(self.config.command_timeout)
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
+            else:  # blocking, with kernel timeouts (see the module docstring)
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.config.command_timeout)
+                )
             with self.lock:
                 refuse = len(self.live) >= self.max_connections or self.stopping
             if refuse:
@@ -145,12 +159,13 @@ class _Server:
                 return
             session = new_session(sock.getpeername(), sock.getsockname(), tls=self.implicit_tls)
             driver = Driver(self.handler, self.config, session, clock=time.monotonic, logger=log)
-            live = Live(driver=driver, wake=lambda: None)  # woken by the phase pipes
+            reader = _Reader(sock)
+            live = Live(driver=driver, wake=reader.wake)  # TLS reads: woken by the phase pipes
             with self.lock:
                 self.live[live] = threading.current_thread()
             log.debug("%s connect from %s", session.id, session.peer)
             try:
-                sock = self._session(live, sock)
+                sock = self._session(live, sock, reader)
             except (OSError, ssl.SSLError) as exc:
                 log.info("%s connection lost: %r", session.id, exc)
             except Exception:  # a bug: log it, keep serving the others
@@ -166,7 +181,7 @@ class _Server:
             with self.lock:
                 self.threads.discard(threading.current_thread())
 
-    def _session(self, live: Live, sock: socket.socket) -> socket.socket:
+    def _session(self, live: Live, sock: socket.socket, reader: _Reader) -> socket.socket:
         """Run the session; returns the socket (TLS-wrapped after STARTTLS) to close."""
         driver = live.driver
         while True:
@@ -185,13 +200,16 @@ class _Server:
                 assert self.tls_context is not None
                 sock.settimeout(self.config.command_timeout)
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
+                reader.sock = sock
                 driver.tls_established()
                 continue
             try:
-                data = self._read(live, sock)
+                if isinstance(sock, ssl.SSLSocket):
+                    data = self._read_tls(live, sock)
+                else:
+                    data = reader.read(live)
             except TimeoutError:
                 if driver.check_timeout():
-                    sock.settimeout(self.config.command_timeout)
                     sock.sendall(driver.data_to_send())
                     return sock
                 continue
@@ -199,18 +217,17 @@ class _Server:
                 driver.receive(data)
             # None: kicked by shutdown, the loop sends 421
 
-    def _read(self, live: Live, sock: socket.socket) -> bytes | None:
+    def _read_tls(self, live: Live, sock: ssl.SSLSocket) -> bytes | None:
         """Up to READ_SIZE bytes, or None when shutdown kicked this session.
 
-        A plain socket keeps one timeout for the whole session (settimeout is an fcntl call,
-        and every syscall is a GIL hand-off that 20 busy threads fight over); the engine's
-        deadline is enforced by the poll() below, after which recv() does not block.
+        The engine's deadline and the shutdown phase pipes are polled first; the socket's own
+        timeout then bounds a recv() that waits for the rest of a TLS record.
 
         Raises:
             TimeoutError: the engine's deadline passed.
         """
         while not live.kicked:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            if sock.pending():
                 break  # decrypted bytes are buffered: poll() would not see them
             deadline = live.driver.deadline
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -224,9 +241,73 @@ class _Server:
                 break
         else:
             return None
-        if isinstance(sock, ssl.SSLSocket):  # a partial TLS record can still block recv()
-            sock.settimeout(self.config.command_timeout if remaining is None else remaining + 0.001)
+        # a partial TLS record can still block recv()
+        sock.settimeout(self.config.command_timeout if remaining is None else remaining + 0.001)
         return sock.recv(READ_SIZE)
+
+
+class _Reader:
+    """Reads a plain blocking socket with the engine's deadline as the kernel's receive
+    timeout, and wakes a blocked read at shutdown.
+
+    Attributes:
+        sock: the connection's socket (replaced by the TLS socket after STARTTLS).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.timeout: float | None = None  # the SO_RCVTIMEO in force (None: never set)
+
+    def read(self, live: Live) -> bytes | None:
+        """Up to READ_SIZE bytes (b"" at end of file), or None when shutdown kicked this
+        session.
+
+        Raises:
+            TimeoutError: the receive timeout expired (the engine's deadline may have passed).
+        """
+        sock = self.sock
+        live.reading = True  # set before kicked is tested: a kick in between wakes recv()
+        try:
+            if live.kicked:
+                return None
+            deadline = live.driver.deadline
+            if deadline is None:
+                if self.timeout != 0.0:
+                    self._set_timeout(0.0)  # no deadline: wait for ever
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                current = self.timeout
+                if not current or not remaining / 2 <= current <= remaining + _TIMEOUT_SLACK:
+                    self._set_timeout(remaining)
+            data = sock.recv(READ_SIZE)
+        except BlockingIOError:  # SO_RCVTIMEO expired (EAGAIN on a blocking socket)
+            raise TimeoutError from None
+        finally:
+            live.reading = False
+        if not data and live.kicked:
+            return None  # woken by wake(), not the client's end of file
+        return data
+
+    def _set_timeout(self, seconds: float) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        self.timeout = seconds
+
+    def wake(self) -> None:
+        """Interrupt a blocked read: shut the read side of a plain socket (recv() returns
+        b""); TLS sockets are woken by the phase pipes instead."""
+        sock = self.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO, rounded up to the microsecond (a zero
+    timeval means no timeout, so a positive time never rounds down to it)."""
+    usec = max(math.ceil(seconds * 1e6), 1) if seconds > 0 else 0
+    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
 
 
 def _join(threads: list[threading.Thread], timeout: float) -> None:
