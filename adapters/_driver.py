@@ -80,6 +80,24 @@ HandlerResult: TypeAlias = "Reply | Sequence[Reply] | None"
 _IDLE_STATES = frozenset({SessionState.HELLO, SessionState.READY})
 _MESSAGE_STATES = frozenset({SessionState.DATA, SessionState.CHUNKING})
 _SHUTDOWN_TEXT = "4.3.2 {host} Service shutting down, closing connection"
+# Replies are immutable values: the defaults are built once, not per command.
+_OK = Reply(code=250, text="OK")
+_FAILED = Reply(code=451, text="4.3.0 Local error in processing")
+_VRFY_DEFAULT = Reply(code=252, text="Cannot VRFY user, but will accept message")
+_AUTH_DEFAULT = Reply(code=535, text="Authentication credentials invalid")
+_HOOKS = (
+    "on_connect",
+    "on_hello",
+    "on_mail_from",
+    "on_rcpt_to",
+    "on_vrfy",
+    "on_auth",
+    "on_message_start",
+    "on_message_data",
+    "on_message_end",
+    "on_message_aborted",
+    "on_disconnect",
+)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -247,6 +265,10 @@ class Driver:
         self.sleep = sleep  # the runtime's sleep (awaitable on asyncio and trio)
         self.log = logger
         self.conn = ServerConnection(config, tls_active=session.tls, now=clock())
+        # Hooks the handler leaves as Handler's do-nothing defaults are not called at all:
+        # their result is known (None, the default reply), and a call costs more than the
+        # engine's work for most commands.
+        self._skip = _defaults(handler)
         self.in_message = False
         self._message_failed = False
         self._greeted = False
@@ -313,27 +335,32 @@ class Driver:
         return True
 
     def _ask(self, fn: Callable[..., object], *args: object) -> Generator[Call, object, object]:
+        if getattr(fn, "__name__", None) in self._skip:
+            return None  # Handler's default: does nothing, returns None
         result = yield Call(fn, (self.session, *args))
         if isinstance(result, _Failed):
-            self.log.error(
-                "%s handler %s failed",
-                self.session.id,
-                getattr(fn, "__name__", fn),
-                exc_info=(type(result.exc), result.exc, result.exc.__traceback__),
-            )
+            self._log_failure(fn, result)
         return result
+
+    def _log_failure(self, fn: Callable[..., object], failed: _Failed) -> None:
+        self.log.error(
+            "%s handler %s failed",
+            self.session.id,
+            getattr(fn, "__name__", fn),
+            exc_info=(type(failed.exc), failed.exc, failed.exc.__traceback__),
+        )
 
     def _answer(
         self, fn: Callable[..., object], default: Reply, *args: object
     ) -> Generator[Call, object, Reply]:
         result = yield from self._ask(fn, *args)
         if isinstance(result, _Failed):
-            return Reply(code=451, text="4.3.0 Local error in processing")
+            return _FAILED
         if result is None:
             return default
         if not isinstance(result, Reply):
             self.log.error("%s %r returned %r, not a Reply", self.session.id, fn, result)
-            return Reply(code=451, text="4.3.0 Local error in processing")
+            return _FAILED
         return result
 
     def _decide(
@@ -350,7 +377,7 @@ class Driver:
         Returns:
             "READ", "STARTTLS" or "CLOSE".
         """
-        h, cfg, conn = self.handler, self.config, self.conn
+        h, cfg, conn, skip = self.handler, self.config, self.conn, self._skip
         if not self._greeted:
             self._greeted = True
             result = yield from self._ask(h.on_connect)
@@ -373,20 +400,45 @@ class Driver:
                     return "STARTTLS"
                 return "CLOSE"  # pragma: no cover - every owed decision is answered below
             ok = True
+            kind = type(event)
+            # the commands of every transaction first, without the match's isinstance chain
+            if kind is MessageData:
+                if not (self._message_failed or "on_message_data" in skip):
+                    data = event.data  # type: ignore[union-attr]
+                    result = yield Call(h.on_message_data, (self.session, data))
+                    if isinstance(result, _Failed):
+                        self._log_failure(h.on_message_data, result)
+                        self._message_failed = True
+                continue
+            if kind is MailFrom or kind is RcptTo:
+                name = "on_mail_from" if kind is MailFrom else "on_rcpt_to"
+                if name in skip:
+                    ok = self._send(_OK)
+                else:
+                    ok = yield from self._decide(getattr(h, name), _OK, event)
+                if not ok:
+                    return "CLOSE"
+                continue
+            if kind is Data and "on_message_start" in skip:
+                self.in_message, self._message_failed = True, False
+                continue
+            if (
+                kind is EndOfMessage
+                and "on_message_end" in skip
+                and not (self._message_failed or cfg.lmtp)
+            ):
+                self.in_message = False
+                if not self._send(_OK):
+                    return "CLOSE"
+                continue
             match event:
                 case Helo() | Ehlo() | Lhlo():
                     hello = Reply(code=250, text=f"{cfg.hostname} Hello {event.domain}")
                     ok = yield from self._decide(h.on_hello, hello, event)
-                case MailFrom():
-                    ok = yield from self._decide(h.on_mail_from, Reply(code=250, text="OK"), event)
-                case RcptTo():
-                    ok = yield from self._decide(h.on_rcpt_to, Reply(code=250, text="OK"), event)
                 case Vrfy():
-                    default = Reply(code=252, text="Cannot VRFY user, but will accept message")
-                    ok = yield from self._decide(h.on_vrfy, default, event)
+                    ok = yield from self._decide(h.on_vrfy, _VRFY_DEFAULT, event)
                 case AuthCredentials():
-                    default = Reply(code=535, text="Authentication credentials invalid")
-                    reply = yield from self._answer(h.on_auth, default, event)
+                    reply = yield from self._answer(h.on_auth, _AUTH_DEFAULT, event)
                     if reply.code != 235 and cfg.auth_failure_delay > 0:
                         # slow password guessing down; the runtime's sleep does not block
                         # other sessions (asyncio/trio await it, threads sleep this thread)
@@ -397,11 +449,6 @@ class Driver:
                 case Bdat():
                     if not self.in_message:
                         yield from self._start_message()
-                case MessageData():
-                    if not self._message_failed:
-                        result = yield from self._ask(h.on_message_data, event.data)
-                        if isinstance(result, _Failed):
-                            self._message_failed = True
                 case EndOfMessage():
                     ok = yield from self._end_message()
                 case MessageRejected():
@@ -436,7 +483,7 @@ class Driver:
 
     def _end_message(self) -> Generator[Call, object, bool]:
         count = len(self.conn.envelope.recipients) if self.config.lmtp else 1
-        failed = Reply(code=451, text="4.3.0 Local error in processing")
+        failed = _FAILED
         if self._message_failed:
             yield from self._abort_message()
             replies: list[Reply] = [failed] * count
@@ -446,7 +493,7 @@ class Driver:
             if isinstance(result, _Failed):
                 result = failed
             if result is None:
-                replies = [Reply(code=250, text="OK")] * count
+                replies = [_OK] * count
             elif isinstance(result, Reply):
                 replies = [result] * count
             elif isinstance(result, (list, tuple)) and all(isinstance(r, Reply) for r in result):
@@ -474,6 +521,17 @@ class Driver:
         self._finished = True
         yield from self._abort_message()
         yield from self._ask(self.handler.on_disconnect)
+
+
+def _defaults(handler: Handler) -> frozenset[str]:
+    """The hooks ``handler`` leaves as Handler's own (not overridden in its class nor set on
+    the instance)."""
+    cls, own = type(handler), getattr(handler, "__dict__", {})
+    return frozenset(
+        name
+        for name in _HOOKS
+        if name not in own and getattr(cls, name, None) is getattr(Handler, name)
+    )
 
 
 def run_sync(steps: Generator[Call, object, Any]) -> Any:

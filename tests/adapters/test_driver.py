@@ -165,6 +165,75 @@ def test_handler_reply_overrides_default() -> None:
     assert codes(step(driver, b"EHLO c.test\r\n")[1]) == [503]
 
 
+def calls_made(driver: Driver) -> list[str]:
+    """Run process() by hand, answering every Call with None; the names of the calls."""
+    names: list[str] = []
+    steps = driver.process()
+    try:
+        call = next(steps)
+        while True:
+            names.append(call.fn.__name__)
+            call = steps.send(call.fn(*call.args))
+    except StopIteration:
+        return names
+
+
+def test_default_hooks_are_not_called_but_overridden_and_instance_hooks_are() -> None:
+    class OnlyRcpt(Handler):
+        def on_rcpt_to(self, session: Session, event: RcptTo) -> Reply | None:
+            return None
+
+    def on_message_data(session: Session, data: bytes) -> None:
+        received.append(data)
+
+    received: list[bytes] = []
+    handler = OnlyRcpt()
+    handler.on_message_data = on_message_data  # type: ignore[method-assign]
+    driver = make(handler)
+    assert calls_made(driver) == []  # on_connect is Handler's: the greeting needs no call
+    driver.receive(HELLO + b"DATA\r\nhi\r\n.\r\n")
+    assert calls_made(driver) == ["on_rcpt_to", "on_message_data"]
+    assert received == [b"hi\r\n"]
+    assert codes(driver.data_to_send().split(b"\r\n")[:-1]) == [220, 250, 250, 250, 354, 250]
+
+
+def test_skipped_default_hooks_give_the_same_replies_as_called_ones() -> None:
+    class Explicit(Handler):  # overrides every hook with Handler's behaviour
+        def on_connect(self, session: Session) -> Reply | None:
+            return None
+
+        def on_hello(self, session: Session, event: Any) -> Reply | None:
+            return None
+
+        def on_mail_from(self, session: Session, event: MailFrom) -> Reply | None:
+            return None
+
+        def on_rcpt_to(self, session: Session, event: RcptTo) -> Reply | None:
+            return None
+
+        def on_vrfy(self, session: Session, event: Any) -> Reply | None:
+            return None
+
+        def on_message_start(self, session: Session) -> None:
+            pass
+
+        def on_message_data(self, session: Session, data: bytes) -> None:
+            pass
+
+        def on_message_end(self, session: Session) -> Any:
+            return None
+
+    dialogue = HELLO + b"DATA\r\nhi\r\n.\r\nVRFY x\r\nMAIL FROM:<>\r\nRSET\r\n"
+    dialogue += b"MAIL FROM:<>\r\nRCPT TO:<c@x.test>\r\nDATA\r\n.\r\nQUIT\r\n"
+    transcripts = []
+    for handler in (Handler(), Explicit()):
+        driver = make(handler)
+        first = step(driver)
+        transcripts.append((first, step(driver, dialogue)))
+    assert transcripts[0] == transcripts[1]
+    assert transcripts[0][1][0] == "CLOSE"
+
+
 # --- messages ---------------------------------------------------------------------------------
 
 
