@@ -422,7 +422,7 @@ class LogStore(GroupCommitter):
                     offset = _copy(part[0], part[1], seg.fd, offset)
             _pwritev_all(seg.fd, buf, offset)
             if self.fsync:
-                os.fdatasync(seg.fd)
+                _datasync(seg.fd)
         except OSError as exc:
             seg.broken = True  # unknown bytes on disk: append nothing more here
             self._gc_due = True
@@ -456,7 +456,7 @@ class LogStore(GroupCommitter):
         try:
             _pwrite_all(seg.fd, bytes(stop - start), start)
             if self.fsync:
-                os.fdatasync(seg.fd)
+                _datasync(seg.fd)
         except OSError as exc:
             log.error("spool: could not erase failed records in %s: %s", seg.path, exc)
 
@@ -488,7 +488,7 @@ class LogStore(GroupCommitter):
         path = os.path.join(self.segments_dir, f"{seq:016x}.seg")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, capacity)
+            _preallocate_file(fd, capacity)
             if self.fsync:
                 os.fsync(fd)
                 _fsync_dir(self.segments_dir)
@@ -727,7 +727,7 @@ class LogStore(GroupCommitter):
 
     def _preallocate(self, seg: _Segment) -> None:
         seg.capacity = max(seg.capacity, self.segment_size, seg.end)
-        os.posix_fallocate(seg.fd, 0, seg.capacity)
+        _preallocate_file(seg.fd, seg.capacity)
         if self.fsync:
             os.fsync(seg.fd)
 
@@ -777,6 +777,24 @@ def _resync(data: bytes, start: int, end: int) -> int:
     return end
 
 
+def _datasync(fd: int) -> None:
+    """fdatasync(), or fsync() where there is none (macOS)."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover - not Linux
+        os.fsync(fd)
+
+
+def _preallocate_file(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes (posix_fallocate); where there is none (macOS), extend the file
+    with a hole: appends then allocate, and the flush writes that metadata too -- slower,
+    still durable."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    elif os.fstat(fd).st_size < size:  # pragma: no cover - not Linux
+        os.ftruncate(fd, size)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -797,6 +815,8 @@ _IOV_MAX = 512
 
 def _pwritev_all(fd: int, buffers: list[bytes], offset: int) -> int:
     """Write ``buffers`` back to back at ``offset`` (pwritev: no joined copy)."""
+    if not hasattr(os, "pwritev"):  # pragma: no cover - older macOS
+        return _pwrite_all(fd, b"".join(buffers), offset)
     for start in range(0, len(buffers), _IOV_MAX):
         group = buffers[start : start + _IOV_MAX]
         want = sum(map(len, group))
