@@ -377,6 +377,66 @@ def test_sigkill_during_concurrent_writes_recovers_every_acknowledged_message(
             assert msg.content == b"%d" % (n := int(msg.envelope.arrival - 1)) * (100 + n % 9000)
 
 
+_SERVER_CHILD = textwrap.dedent(
+    """
+    import sys, threading
+    from mailwire.adapters._spool import SpoolHandler
+    from mailwire.adapters.threads import Controller
+    from mailwire.protocol import ServerConfig
+    handler = SpoolHandler(sys.argv[1], store_format=sys.argv[2])
+    ctl = Controller(handler, ServerConfig(hostname="mx.test"))
+    ctl.start()
+    print(ctl.addresses[0][1], flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+def test_sigkill_of_a_busy_server_loses_no_message_it_answered_250(
+    tmp_path: Path, fmt: str
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_CHILD, str(tmp_path), fmt],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    acked: dict[str, bytes] = {}
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                for i in range(10**6):
+                    body = b"Subject: %d-%d\r\n\r\n" % (n, i) + b"x" * (i * 37 % 3000) + b"\r\n"
+                    smtp.sendmail("a@b.example", ["c@d.example"], body)  # raises unless 250
+                    with lock:
+                        acked[f"{n}-{i}"] = body
+                        if len(acked) >= 150:
+                            enough.set()
+        except (smtplib.SMTPException, OSError):
+            pass  # the server was killed
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        assert enough.wait(60)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        for t in threads:
+            t.join(30)
+        proc.stdout.close()
+    with opened(tmp_path, fmt) as s:
+        stored = {s.get(q).content for q in s.recover()}
+    with lock:
+        assert set(acked.values()) <= stored  # every 250 survived; at most a few extra
+
+
 def test_fsync_of_a_closed_store_is_refused(tmp_path: Path, fmt: str) -> None:
     s = opened(tmp_path, fmt)
     writer = s.begin()
