@@ -22,10 +22,13 @@ from mailwire.adapters._driver import (
     Driver,
     Handler,
     Live,
+    Pending,
     bind,
     new_session,
     refusal,
+    resolve,
     run_async,
+    step,
 )
 from mailwire.protocol._config import ServerConfig
 
@@ -178,62 +181,106 @@ class _Server:
     async def _exchange(
         self, live: Live, box: list[trio.abc.Stream], scope: trio.CancelScope, phase: list[str]
     ) -> None:
+        """Exchanges until the session ends.  Per exchange the scope's deadline is moved once
+        (moving it costs a heap operation): to the engine's deadline, which a reply has just
+        restarted, before the reply is written, and the read that follows keeps it.  Only an
+        awaitable handler result lifts it (handlers are never timed out)."""
         driver, timeout = live.driver, self.config.command_timeout
         while True:
-            phase[0], scope.deadline = "process", math.inf  # handlers are never timed out
-            outcome = await run_async(driver.process())
+            steps = driver.process()
+            outcome = step(steps)
+            if isinstance(outcome, Pending):
+                phase[0], scope.deadline = "process", math.inf
+                while isinstance(outcome, Pending):
+                    outcome = step(steps, await resolve(outcome))
             if outcome == "READ" and self.stopping:
                 live.kick(force=False)
             if outcome == "READ" and live.kicked:
                 driver.shutdown()
                 outcome = "CLOSE"
             out = driver.data_to_send()
-            if out:  # back-pressure: send_all returns once the kernel took it all
+            if outcome == "READ":
+                deadline = driver.deadline
+                if deadline is None:
+                    deadline = math.inf
+                if scope.deadline != deadline:
+                    scope.deadline = deadline
+                if out:  # back-pressure: send_all returns once the kernel took it all
+                    phase[0] = "write"
+                    await box[0].send_all(out)
+                phase[0] = "read"
+                live.reading = True
+                try:
+                    data = await box[0].receive_some(READ_SIZE)
+                finally:
+                    live.reading = False
+                driver.receive(data if type(data) is bytes else bytes(data))
+                continue
+            if out:
                 phase[0], scope.deadline = "write", trio.current_time() + timeout
                 await box[0].send_all(out)
             if outcome == "CLOSE":
                 return
-            if outcome == "STARTTLS":
-                assert self.tls_context is not None
-                phase[0], scope.deadline = "handshake", trio.current_time() + timeout
-                tls = trio.SSLStream(box[0], self.tls_context, server_side=True)
-                box[0] = tls
-                await tls.do_handshake()
-                driver.tls_established()
-                continue
-            deadline = driver.deadline
-            phase[0], scope.deadline = "read", math.inf if deadline is None else deadline
-            live.reading = True
-            try:
-                data = await box[0].receive_some(READ_SIZE)
-            finally:
-                live.reading = False
-            driver.receive(data if type(data) is bytes else bytes(data))
+            assert outcome == "STARTTLS" and self.tls_context is not None
+            phase[0], scope.deadline = "handshake", trio.current_time() + timeout
+            tls = trio.SSLStream(box[0], self.tls_context, server_side=True)
+            box[0] = tls
+            await tls.do_handshake()
+            driver.tls_established()
 
 
 class _Plain(trio.abc.Stream):
-    """A SocketStream used through its socket: the session never sends and receives at the
-    same time, so SocketStream's per-call conflict detection and error-translating context
-    managers are pure overhead on the hot path."""
+    """A SocketStream used through its stdlib socket: the session never sends and receives
+    at the same time, so SocketStream's per-call conflict detection and error-translating
+    context managers are pure overhead on the hot path.
+
+    Checkpoints: receive_some() is one, as trio's recv is (cancellation is checked before
+    the attempt; a read that succeeds at once still yields to the scheduler).  send_all()
+    yields only when the kernel's buffer is full: every write of a session is followed by
+    a read, whose checkpoint serves both.
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._sock = stream.socket
+        # the stdlib socket inside trio's (non-blocking; trio closes it with the stream)
+        raw = getattr(stream.socket, "_sock", None)
+        if not isinstance(raw, socket.socket):  # pragma: no cover - a trio without _sock
+            raise RuntimeError("trio socket without its stdlib socket")
+        self._raw = raw
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sock = self._raw
         with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
+            sent, total = 0, len(view)
+            while sent < total:
                 try:
-                    sent += await self._sock.send(view[sent:])
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
                 except OSError as exc:
                     raise trio.BrokenResourceError(exc) from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        sock = self._raw
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            return await self._sock.recv(max_bytes or READ_SIZE)
+            data = sock.recv(max_bytes or READ_SIZE)
+        except BlockingIOError:
+            pass
         except OSError as exc:
             raise trio.BrokenResourceError(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(max_bytes or READ_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
