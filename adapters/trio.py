@@ -201,8 +201,8 @@ class _Server:
             out = driver.data_to_send()
             if outcome == "READ":
                 deadline = driver.deadline
-                if deadline is None:
-                    deadline = math.inf
+                if deadline is None:  # not after a reply; a write is still bounded
+                    deadline = trio.current_time() + timeout if out else math.inf
                 if scope.deadline != deadline:
                     scope.deadline = deadline
                 if out:  # back-pressure: send_all returns once the kernel took it all
