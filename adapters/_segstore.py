@@ -60,7 +60,8 @@
 # Space.  A sealed segment with no live message and no needed tombstone is unlinked (a
 # tombstone is needed while a record of the message it deletes still exists in another
 # segment and no other segment repeats the tombstone).  A sealed segment whose live bytes fall
-# below ``compact_below`` of its used bytes is compacted: its live records are copied
+# below ``compact_below`` of its used bytes, ``compact_after`` seconds (5 minutes) or more
+# after it was created (or found at start-up), is compacted: its live records are copied
 # unchanged (same bytes, same CRC) to the active segment together with its needed tombstones,
 # flushed, and only then is the old segment unlinked -- so one stuck message cannot pin a
 # whole segment.  A crash between the copy and the unlink leaves the same record twice, which
@@ -98,6 +99,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -198,6 +200,7 @@ class _Segment:
     tombs: set[str] = field(default_factory=set)  # tombstones here
     live_bytes: int = 0
     checked: int = -1  # LogStore._generation when its tombstones were last found needed
+    born: float = 0.0  # time.monotonic() when created or found by recovery
     broken: bool = False  # a write or flush failed: append nothing more
 
 
@@ -260,7 +263,9 @@ class LogStore(GroupCommitter):
         fsync: False skips every flush (NOT durable; for benchmarks and tests only).
         spill: content above this many bytes goes to a temporary file as it arrives.
         compact_below: a sealed segment whose live bytes fall below this fraction of its
-            used bytes is compacted.
+            used bytes is compacted...
+        compact_after: ...once it is this many seconds old (its messages are usually
+            delivered and deleted by then: copying them would be wasted).
 
     Raises:
         SpoolError: the directory is locked by another process, or is a DirectoryStore spool.
@@ -275,6 +280,7 @@ class LogStore(GroupCommitter):
         fsync: bool = True,
         spill: int = 1 << 20,
         compact_below: float = 0.25,
+        compact_after: float = 300.0,
     ) -> None:
         self.directory = os.fspath(directory)
         self.segments_dir = os.path.join(self.directory, "segments")
@@ -284,6 +290,7 @@ class LogStore(GroupCommitter):
         self.fsync = fsync
         self.spill = spill
         self.compact_below = compact_below
+        self.compact_after = compact_after
         self.ids = QueueIds()
         self._lock_fd = open_spool_directory(
             self.directory, "log", ("segments", "tmp", "corrupt"), fsync=fsync
@@ -496,7 +503,7 @@ class LogStore(GroupCommitter):
             os.close(fd)
             os.unlink(path)
             raise
-        seg = _Segment(seq, path, fd, capacity)
+        seg = _Segment(seq, path, fd, capacity, born=time.monotonic())
         with self._lock:
             self._segments[seq] = seg
         self._gc_due = True  # the previous segment is sealed now
@@ -532,7 +539,10 @@ class LogStore(GroupCommitter):
         candidates = [
             s
             for s in self._segments.values()
-            if s is not active and s.end and s.live_bytes < self.compact_below * s.end
+            if s is not active
+            and s.end
+            and s.live_bytes < self.compact_below * s.end
+            and time.monotonic() - s.born >= self.compact_after
         ]
         if candidates:
             self._compact(min(candidates, key=lambda s: s.live_bytes / s.end))
@@ -661,7 +671,7 @@ class LogStore(GroupCommitter):
                 log.warning("spool: %s is not a regular file, moved to corrupt/", path)
                 os.rename(path, os.path.join(self.corrupt_dir, os.path.basename(path)))
                 continue
-            opened.append(_Segment(seq, path, fd, max(info.st_size, 1)))
+            opened.append(_Segment(seq, path, fd, max(info.st_size, 1), born=time.monotonic()))
         # only the highest segment can hold a torn tail, and only it is appended to: it is
         # scanned as the last one (tail truncated, preallocated again), so appends never
         # follow bytes of unknown state

@@ -250,7 +250,9 @@ def test_segment_whose_messages_are_all_deleted_is_unlinked(tmp_path: Path) -> N
 
 
 def test_compaction_moves_a_stuck_message_forward_byte_for_byte(tmp_path: Path) -> None:
-    with LogStore(tmp_path, fsync=False, segment_size=4096, compact_below=0.5) as s:
+    with LogStore(
+        tmp_path, fsync=False, segment_size=4096, compact_below=0.5, compact_after=0
+    ) as s:
         ids = [s.put(envelope(n), [content(n, 20)]) for n in range(30)]
         first = segments(tmp_path)[0]
         stuck = [q for kind, q, _, _ in layout(first) if kind == MESSAGE][0]
@@ -274,6 +276,17 @@ def test_compaction_moves_a_stuck_message_forward_byte_for_byte(tmp_path: Path) 
         assert s.get(stuck).envelope == dataclasses.replace(
             envelope(ids.index(stuck)), size=len(content(ids.index(stuck), 20))
         )
+
+
+def test_young_segments_are_not_compacted(tmp_path: Path) -> None:
+    with LogStore(tmp_path, fsync=False, segment_size=4096, compact_after=3600) as s:
+        ids = [s.put(envelope(n), [content(n, 20)]) for n in range(30)]
+        first = segments(tmp_path)[0]
+        for queue_id in ids[1:]:
+            s.delete(queue_id)  # the first message is still being delivered, say
+        s.put(envelope(99), [b"x"])
+        assert s.compactions == 0 and first in segments(tmp_path)
+        assert s.unlinked >= 1  # segments with nothing live went at once
 
 
 def test_crash_between_compaction_copy_and_unlink_keeps_one_message(tmp_path: Path) -> None:
@@ -398,7 +411,12 @@ class LogStoreMachine(RuleBasedStateMachine):
 
         self.tmp = tempfile.TemporaryDirectory(prefix="mailwire-logstate-")
         self.dir = Path(self.tmp.name)
-        self.options = {"fsync": False, "segment_size": 2048, "compact_below": 0.3}
+        self.options = {
+            "fsync": False,
+            "segment_size": 2048,
+            "compact_below": 0.3,
+            "compact_after": 0,
+        }
         self.store = LogStore(self.dir, **self.options)  # type: ignore[arg-type]
         self.store.recover()
         self.model: dict[str, bytes] = {}
