@@ -257,6 +257,9 @@ class _Reader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.timeout: float | None = None  # the SO_RCVTIMEO in force (None: never set)
+        # recv() would allocate READ_SIZE per call and shrink it; from a thread's own malloc
+        # arena that costs page faults (3 per 100 KB message)
+        self.buffer = memoryview(bytearray(READ_SIZE))
 
     def read(self, live: Live) -> bytes | None:
         """Up to READ_SIZE bytes (b"" at end of file), or None when shutdown kicked this
@@ -281,14 +284,14 @@ class _Reader:
                 current = self.timeout
                 if not current or not remaining / 2 <= current <= remaining + _TIMEOUT_SLACK:
                     self._set_timeout(remaining)
-            data = sock.recv(READ_SIZE)
+            n = sock.recv_into(self.buffer)
         except BlockingIOError:  # SO_RCVTIMEO expired (EAGAIN on a blocking socket)
             raise TimeoutError from None
         finally:
             live.reading = False
-        if not data and live.kicked:
+        if not n and live.kicked:
             return None  # woken by wake(), not the client's end of file
-        return data
+        return self.buffer[:n].tobytes()
 
     def _set_timeout(self, seconds: float) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
