@@ -263,7 +263,9 @@ def _patch(path: str, offset: int, data: bytes) -> None:
 
 def run_log(data: bytes, root: str) -> None:
     count = (data[0] >> 4 & 7) + 1
-    store = LogStore(root, fsync=False, spill=64, segment_size=SEGMENT)
+    store = LogStore(
+        root, fsync=False, spill=64, segment_size=SEGMENT, compact_after=0, compact_below=0.75
+    )
     acked: dict[str, tuple[SpoolEnvelope, bytes]] = {}
     deleted: set[str] = set()
     for i in range(count):
