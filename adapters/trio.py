@@ -181,11 +181,15 @@ class _Server:
     async def _exchange(
         self, live: Live, box: list[trio.abc.Stream], scope: trio.CancelScope, phase: list[str]
     ) -> None:
-        """Exchanges until the session ends.  Per exchange the scope's deadline is moved once
-        (moving it costs a heap operation): to the engine's deadline, which a reply has just
-        restarted, before the reply is written, and the read that follows keeps it.  Only an
-        awaitable handler result lifts it (handlers are never timed out)."""
+        """Exchanges until the session ends.
+
+        The scope's deadline is the engine's deadline, which a reply has just restarted: set
+        before the reply is written, kept for the read that follows.  Moving it costs a heap
+        operation, so it is moved only when it is later than the engine's deadline or earlier
+        by more than ``slack``; an early expiry is a spurious wake-up that _session() retries.
+        Only an awaitable handler result lifts it (handlers are never timed out)."""
         driver, timeout = live.driver, self.config.command_timeout
+        slack = min(1.0, 0.1 * min(timeout, self.config.data_timeout))
         while True:
             steps = driver.process()
             outcome = step(steps)
@@ -203,7 +207,8 @@ class _Server:
                 deadline = driver.deadline
                 if deadline is None:  # not after a reply; a write is still bounded
                     deadline = trio.current_time() + timeout if out else math.inf
-                if scope.deadline != deadline:
+                current = scope.deadline
+                if current > deadline or current < deadline - slack:
                     scope.deadline = deadline
                 if out:  # back-pressure: send_all returns once the kernel took it all
                     phase[0] = "write"
