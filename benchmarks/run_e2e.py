@@ -142,7 +142,7 @@ def table(
     return "\n".join(lines + (["failures:"] + errors if errors and not digits else []))
 
 
-def disk_probe(parent: str, files: int = 200) -> str:
+def disk_probe(parent: str, files: int = 1000) -> str:
     """One line on the state of the disk under ``parent``: kernel CPU per file creation
     (fsync of the directory included), median 1 KB append + fdatasync, and warm/cold (cold:
     creating a file costs >= 300 us of kernel CPU, the slow state after mass deletions)."""
