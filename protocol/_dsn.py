@@ -12,6 +12,12 @@
 # * NOTIFY (RFC 3461 4.1): NEVER means no DSN at all; otherwise a recipient is reported only
 #   for the conditions it asked for (FAILURE, DELAY, SUCCESS).  Without NOTIFY the MTA
 #   behaves as if NOTIFY=FAILURE,DELAY had been given.
+# * Success (RFC 3461 4.2, 6.2.1): a delivered recipient whose message went into a mailbox
+#   here (Handoff.MAILBOX, or an unknown handoff) is reported as "delivered"; one relayed to
+#   a next hop that does not offer DSN as "relayed" ("the MTA ... MUST issue a 'relayed' DSN
+#   for that recipient" when NOTIFY=SUCCESS cannot be passed on); one passed to a next hop
+#   that offered DSN is not reported at all -- the NOTIFY parameter went with it, and that
+#   hop (or the one after it) reports.
 # * RET (RFC 3461 4.3): FULL returns the whole message as message/rfc822, HDRS only its
 #   headers as text/rfc822-headers; without RET the implementation chooses (here: the whole
 #   message up to `default_full_size`, headers beyond).  "If a DSN contains no indications of
@@ -49,7 +55,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailwire.protocol._queue import QueuedMessage, RecipientState, RecipientStatus
+from mailwire.protocol._queue import Handoff, QueuedMessage, RecipientState, RecipientStatus
 from mailwire.protocol._trace import format_date, parse_date
 
 DEFAULT_FULL_SIZE = 100_000  # RET absent: return the whole message up to this size
@@ -174,7 +180,7 @@ class DSNMessage:
         recipient: the original message's envelope sender.
         content: the whole message (headers and body, CRLF line endings).
         report: what it reports.
-        kind: the most severe action it reports (FAILED, DELAYED or DELIVERED).
+        kind: the most severe action it reports (FAILED, DELAYED, DELIVERED, RELAYED).
     """
 
     sender: str = ""
@@ -211,7 +217,8 @@ def _status_of(state: RecipientState) -> str:
 
 def _action_of(state: RecipientState) -> DSNAction:
     if state.status is RecipientStatus.DELIVERED:
-        return DSNAction.DELIVERED
+        # RFC 3461 6.2.1: "relayed" when the next hop could not take the SUCCESS request
+        return DSNAction.RELAYED if state.handoff is Handoff.RELAYED else DSNAction.DELIVERED
     if state.status is RecipientStatus.FAILED:
         return DSNAction.FAILED
     return DSNAction.DELAYED
@@ -338,6 +345,7 @@ _SUBJECTS = {
     DSNAction.FAILED: "Undelivered Mail Returned to Sender",
     DSNAction.DELAYED: "Delayed Mail (still being retried)",
     DSNAction.DELIVERED: "Successful Mail Delivery Report",
+    DSNAction.RELAYED: "Successful Mail Delivery Report",
 }
 _EXPLAIN = {
     DSNAction.FAILED: (
@@ -349,6 +357,11 @@ _EXPLAIN = {
         "Delivery will be retried; you do not need to resend it.  Delayed:"
     ),
     DSNAction.DELIVERED: "Your message was delivered to the following recipients:",
+    DSNAction.RELAYED: (
+        "Your message was relayed to the following recipients' mail systems, which do\r\n"
+        "not offer delivery notifications: no further notice of its delivery will come,\r\n"
+        "but their mail systems may still report a failure.  Relayed:"
+    ),
 }
 
 
@@ -458,7 +471,7 @@ def render_dsn(
         else:
             ctype = "message/global-headers" if headers_only else "message/global"
         desc = "Undelivered Message Headers" if headers_only else "Undelivered Message"
-        if kind is DSNAction.DELIVERED:
+        if kind is DSNAction.DELIVERED or kind is DSNAction.RELAYED:
             desc = "Delivered Message Headers"
         out += (
             f"\r\n--{boundary}\r\n"
@@ -486,8 +499,10 @@ def build_dsn(
 ) -> DSNMessage | None:
     """The DSN owed to the sender of ``message`` about ``recipients``, if any.
 
-    Each recipient is reported as failed (FAILED), delayed (PENDING/DEFERRED) or delivered
-    (DELIVERED), only when its NOTIFY asks for that; a null sender gets nothing.
+    Each recipient is reported as failed (FAILED), delayed (PENDING/DEFERRED), delivered
+    (DELIVERED into a mailbox) or relayed (DELIVERED to a next hop without DSN), only when
+    its NOTIFY asks for that; a recipient passed to a next hop that offered DSN is not
+    reported (that hop took the request over); a null sender gets nothing.
 
     Args:
         message: the original envelope (sender, ENVID, RET, arrival).
@@ -511,6 +526,8 @@ def build_dsn(
         return None
     groups = []
     for state in recipients:
+        if state.handoff is Handoff.DSN_PASSED and state.status is RecipientStatus.DELIVERED:
+            continue  # RFC 3461 4.2: the next hop got NOTIFY and reports, not this MTA
         action = _action_of(state)
         if wants_notification(state.recipient.notify, action):
             groups.append(dsn_recipient(state, will_retry_until=will_retry_until))
@@ -518,7 +535,9 @@ def build_dsn(
         return None
     actions = {g.action for g in groups}
     kind = next(
-        a for a in (DSNAction.FAILED, DSNAction.DELAYED, DSNAction.DELIVERED) if a in actions
+        a
+        for a in (DSNAction.FAILED, DSNAction.DELAYED, DSNAction.DELIVERED, DSNAction.RELAYED)
+        if a in actions
     )
     report = DSNReport(
         reporting_mta=f"dns;{hostname}",

@@ -52,6 +52,13 @@
 # other destination is affected.  Any completed attempt without connection failure resets
 # the destination.  Deliveries already in flight when a failure is recorded do not count again
 # (each lease remembers the failure count it started with).
+#
+# Handoff (RFC 3461 4.2, 6.2.1).  A DELIVERED recipient records *how* the message left: into
+# a mailbox here (Maildir, a callable, LMTP: a final delivery, reported as "delivered" when
+# NOTIFY=SUCCESS asked for it), to a next hop that offered DSN (the NOTIFY request went with
+# the message, so the next hop reports and this MTA stays silent), or to a next hop without
+# DSN ("relayed": the request could not be passed on, so this MTA reports that much).  The
+# caller says which (complete(handoffs=...)); protocol/_dsn.py turns it into the Action.
 from __future__ import annotations
 
 import enum
@@ -78,6 +85,14 @@ class RecipientStatus(enum.Enum):
     def is_final(self) -> bool:
         """True for DELIVERED and FAILED."""
         return self is RecipientStatus.DELIVERED or self is RecipientStatus.FAILED
+
+
+class Handoff(enum.Enum):
+    """How a delivered recipient's message left this MTA (RFC 3461 4.2 and 6.2.1)."""
+
+    MAILBOX = "mailbox"  #: final delivery (local mailbox, callable, LMTP): "delivered"
+    DSN_PASSED = "dsn-passed"  #: to a next hop that offered DSN: it reports, not this MTA
+    RELAYED = "relayed"  #: to a next hop without DSN: "relayed" (the request ends here)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +199,8 @@ class RecipientState:
         last_attempt: when the last attempt completed, or None.
         remote_mta: the host that gave the last reply, if known.
         expired: FAILED because the lifetime ran out while it was deferred.
+        handoff: for DELIVERED, how the message left (see Handoff), or None when the caller
+            did not say (reported as delivered).
     """
 
     recipient: Recipient
@@ -193,6 +210,7 @@ class RecipientState:
     last_attempt: float | None = None
     remote_mta: str | None = None
     expired: bool = False
+    handoff: Handoff | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -672,6 +690,7 @@ class Scheduler:
         remote_mta: str | None = None,
         connection_failed: bool = False,
         jitter: float = 0.0,
+        handoffs: Mapping[str, Handoff] | None = None,
     ) -> Completion | None:
         """Record the result of a leased delivery.
 
@@ -689,6 +708,8 @@ class Scheduler:
             connection_failed: no SMTP session could be had with the destination (refused,
                 timeout, 4yz greeting): back the destination off as a whole.
             jitter: a pre-drawn number in [0, 1) to spread the next retry.
+            handoffs: how each delivered recipient's message left, keyed by address
+                (recorded on DELIVERED states only; see Handoff).
 
         Returns:
             What changed, or None when the message was deleted while in flight.
@@ -762,6 +783,9 @@ class Scheduler:
                 attempts=old.attempts + 1,
                 last_attempt=now,
                 remote_mta=remote_mta,
+                handoff=handoffs.get(old.recipient.address)
+                if handoffs and status is _DELIVERED
+                else None,
             )
             states[i] = new
             bucket.append(new)
@@ -966,6 +990,7 @@ __all__ = [
     "Completion",
     "Delivery",
     "DestinationState",
+    "Handoff",
     "MessageState",
     "QueuedMessage",
     "Recipient",

@@ -29,6 +29,7 @@ from mailwire.protocol._dsn import (
 )
 from mailwire.protocol._events import Reply
 from mailwire.protocol._queue import (
+    Handoff,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -164,6 +165,89 @@ def test_success_is_reported_only_when_asked() -> None:
     assert dsn is not None and dsn.kind is DSNAction.DELIVERED
     assert dsn.report.recipients[0].status == "2.0.0"
     assert b"Content-Type: text/rfc822-headers" in dsn.content
+
+
+def test_success_relayed_to_a_next_hop_without_dsn_is_reported_as_relayed() -> None:
+    relayed = state(
+        status=RecipientStatus.DELIVERED, reply=OK, notify=("SUCCESS",), handoff=Handoff.RELAYED
+    )
+    dsn = build_dsn(message(), [relayed], hostname="h.example", now=T0, original=ORIGINAL)
+    assert dsn is not None and dsn.kind is DSNAction.RELAYED
+    (rcpt,) = parse_dsn(dsn.content).recipients
+    assert rcpt.action is DSNAction.RELAYED
+    assert rcpt.status == "2.0.0"
+    assert rcpt.remote_mta == "dns;mx1.example.net"
+    parsed = stdlib(dsn.content)
+    assert parsed["Subject"] == "Successful Mail Delivery Report"
+    parts = list(parsed.iter_parts())
+    assert "relayed" in parts[0].get_content()
+    assert parts[2].get_content_type() == "text/rfc822-headers"  # no failure: headers only
+
+
+def test_success_passed_to_a_dsn_next_hop_is_not_reported_here() -> None:
+    passed = state(
+        status=RecipientStatus.DELIVERED,
+        reply=OK,
+        notify=("SUCCESS", "FAILURE"),
+        handoff=Handoff.DSN_PASSED,
+    )
+    assert build_dsn(message(), [passed], hostname="h.example", now=T0, original=None) is None
+
+
+@pytest.mark.parametrize("handoff", [Handoff.MAILBOX, None])
+def test_final_delivery_with_notify_success_is_reported_as_delivered(
+    handoff: Handoff | None,
+) -> None:
+    final = state(status=RecipientStatus.DELIVERED, reply=OK, notify=("SUCCESS",), handoff=handoff)
+    dsn = build_dsn(message(), [final], hostname="h.example", now=T0, original=None)
+    assert dsn is not None and dsn.kind is DSNAction.DELIVERED
+    assert parse_dsn(dsn.content).recipients[0].action is DSNAction.DELIVERED
+
+
+@pytest.mark.parametrize("handoff", list(Handoff))
+def test_no_success_notice_of_any_kind_for_a_null_sender(handoff: Handoff) -> None:
+    st_ = state(status=RecipientStatus.DELIVERED, reply=OK, notify=("SUCCESS",), handoff=handoff)
+    assert build_dsn(message(""), [st_], hostname="h.example", now=T0, original=None) is None
+
+
+@pytest.mark.parametrize(
+    ("notify", "expected"),
+    [(None, False), (("FAILURE", "DELAY"), False), (("NEVER",), False), (("SUCCESS",), True)],
+)
+def test_relayed_notice_follows_notify(notify: tuple[str, ...] | None, expected: bool) -> None:
+    relayed = state(
+        status=RecipientStatus.DELIVERED, reply=OK, notify=notify, handoff=Handoff.RELAYED
+    )
+    dsn = build_dsn(message(), [relayed], hostname="h.example", now=T0, original=None)
+    assert (dsn is not None) is expected
+
+
+def test_delivered_outranks_relayed_in_a_mixed_success_notice() -> None:
+    dsn = build_dsn(
+        message(),
+        [
+            state(
+                "a@example.net",
+                RecipientStatus.DELIVERED,
+                OK,
+                ("SUCCESS",),
+                handoff=Handoff.RELAYED,
+            ),  # fmt: skip
+            state(
+                "b@example.net",
+                RecipientStatus.DELIVERED,
+                OK,
+                ("SUCCESS",),
+                handoff=Handoff.MAILBOX,
+            ),  # fmt: skip
+        ],
+        hostname="h.example",
+        now=T0,
+        original=None,
+    )
+    assert dsn is not None and dsn.kind is DSNAction.DELIVERED
+    actions = [r.action for r in parse_dsn(dsn.content).recipients]
+    assert actions == [DSNAction.RELAYED, DSNAction.DELIVERED]
 
 
 # --- the format (RFC 3464 2) ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mailwire.protocol._queue import (
     DEFAULT_LIFETIME,
     MIN_RETRY_INTERVAL,
     Delivery,
+    Handoff,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -233,6 +234,37 @@ def test_delivered_and_failed_recipients_finish_the_message() -> None:
     assert done.finished.recipients[1].remote_mta == "mx"
     assert "q1" not in s and len(s) == 0
     assert s.destinations() == []
+
+
+def test_handoffs_are_recorded_on_delivered_recipients_only() -> None:
+    s = Scheduler()
+    s.add(msg("q1", "a@x.example", "b@x.example", "c@x.example"))
+    d = one(s, 0.0)
+    done = s.complete(
+        d,
+        now=5.0,
+        replies={"a@x.example": OK, "b@x.example": OK, "c@x.example": NO},
+        handoffs={
+            "a@x.example": Handoff.RELAYED,
+            "b@x.example": Handoff.DSN_PASSED,
+            "c@x.example": Handoff.RELAYED,
+        },
+    )
+    assert done is not None and done.finished is not None
+    assert [r.handoff for r in done.delivered] == [Handoff.RELAYED, Handoff.DSN_PASSED]
+    assert [r.handoff for r in done.failed] == [None]  # a failure was handed nowhere
+    assert [r.handoff for r in done.finished.recipients] == [
+        Handoff.RELAYED,
+        Handoff.DSN_PASSED,
+        None,
+    ]
+
+
+def test_without_handoffs_a_delivered_recipient_records_none() -> None:
+    s = Scheduler()
+    s.add(msg("q1", "a@x.example"))
+    done = s.complete(one(s, 0.0), now=5.0, reply=OK)
+    assert done is not None and done.delivered[0].handoff is None
 
 
 def test_transient_reply_defers_until_the_first_retry() -> None:
