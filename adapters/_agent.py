@@ -68,6 +68,7 @@ from mailwire.protocol._events import MailFrom, RcptTo, Reply
 from mailwire.protocol._queue import (
     Completion,
     Delivery,
+    Handoff,
     MessageState,
     QueuedMessage,
     Recipient,
@@ -421,6 +422,7 @@ class AgentCore:
             arrival=env.arrival,
         )
         results: list[WalkResult] = []
+        handoffs: dict[str, Handoff] = {}  # how each delivered recipient left (RFC 3461 4.2)
         if loop is not None:  # RFC 5321 6.3: a mail loop; bounce rather than pass it on
             results = [WalkResult(recipient=r, status=WalkStatus.FAILED, reply=loop) for r in rcpts]
             rcpts = {}
@@ -433,11 +435,17 @@ class AgentCore:
                 log.debug("%s: route %s: %s", queue_id, route.nexthop, line)
             if route.kind is RouteKind.LOCAL and self.config.lmtp is not None:
                 route = yield from self._lmtp_route(route)
-                results += yield from self._walk(route, env.sender, rcpts, content, queue_id, True)
+                results += yield from self._walk(
+                    route, env.sender, rcpts, content, queue_id, handoffs, lmtp=True
+                )
             elif route.kind is RouteKind.LOCAL:
-                results += yield from self._deliver_local(route, message, content)
+                local = yield from self._deliver_local(route, message, content)
+                handoffs.update((r.recipient, Handoff.MAILBOX) for r in local)
+                results += local
             else:
-                results += yield from self._walk(route, env.sender, rcpts, content, queue_id)
+                results += yield from self._walk(
+                    route, env.sender, rcpts, content, queue_id, handoffs
+                )
         report = report_from_results(results)
         now = self.clock()
         completion = self._complete(
@@ -446,6 +454,7 @@ class AgentCore:
             reply=None,
             remote_mta=report.remote_mta,
             failed_conn=report.connection_failed,
+            handoffs=handoffs,
         )
         if completion is None:
             return None
@@ -464,6 +473,7 @@ class AgentCore:
         reply: Reply | None,
         remote_mta: str | None,
         failed_conn: bool,
+        handoffs: dict[str, Handoff] | None = None,
     ) -> Completion | None:
         with self._lock:
             completion = self.scheduler.complete(
@@ -473,6 +483,7 @@ class AgentCore:
                 reply=reply,
                 remote_mta=remote_mta,
                 connection_failed=failed_conn,
+                handoffs=handoffs or None,
             )
             if completion is None:
                 return None
@@ -612,9 +623,12 @@ class AgentCore:
         rcpts: dict[str, Recipient],
         content: bytes,
         queue_id: str,
+        handoffs: dict[str, Handoff],
+        *,
         lmtp: bool = False,
     ) -> Steps[list[WalkResult]]:
         walk = DeliveryWalk(route, max_connections=self.config.max_connections)
+        handoff_at: dict[Target, Handoff] = {}  # what each target's session offered
         config = self.lmtp_config if lmtp else self.client_config
         opportunistic = self.config.tls is TLSPolicy.OPPORTUNISTIC
         while (target := walk.next_target()) is not None:
@@ -644,10 +658,15 @@ class AgentCore:
                              queue_id, target, session.error)  # fmt: skip
                     continue
                 session.feed_walk()
+                handoff_at[target] = session.handoff
                 break
         for line in walk.trace:
             log.debug("%s: walk: %s", queue_id, line)
-        return list(walk.results().values())
+        results = list(walk.results().values())
+        for r in results:
+            if r.status is WalkStatus.DELIVERED and r.target in handoff_at:
+                handoffs[r.recipient] = handoff_at[r.target]
+        return results
 
 
 __all__ = [

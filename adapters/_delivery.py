@@ -32,7 +32,10 @@
 #   * SMTPUTF8: "If the SMTPUTF8 extension is not offered ... the message MUST NOT be
 #     transmitted" unchanged (RFC 6531 3.2): the recipients fail with 553 5.6.7;
 #   * RET/ENVID and NOTIFY/ORCPT go out only when the server offers DSN (RFC 3461 4: the
-#     parameters are relayed to a DSN-capable server, dropped otherwise).
+#     parameters are relayed to a DSN-capable server, dropped otherwise).  Whether it offered
+#     DSN (``offers_dsn``) becomes each delivered recipient's Handoff (protocol/_queue.py):
+#     DSN_PASSED (the next hop reports success) or RELAYED (RFC 3461 4.2: this MTA sends the
+#     "relayed" notice NOTIFY=SUCCESS asked for); LMTP and local delivery are MAILBOX.
 #
 # Opportunistic STARTTLS (RFC 3207, RFC 7435): used whenever the server offers it, without
 # certificate verification (an MX host name comes from unauthenticated DNS, so verifying it
@@ -64,6 +67,7 @@ from mailwire.protocol._events import (
 from mailwire.protocol._queue import (
     Completion,
     Delivery,
+    Handoff,
     QueuedMessage,
     Recipient,
     RecipientState,
@@ -244,6 +248,19 @@ class DeliverySession(ClientSession):
 
     # -- the outcome ---------------------------------------------------------------------------
 
+    @property
+    def offers_dsn(self) -> bool:
+        """The server offered DSN (RFC 3461) in its (last) EHLO reply."""
+        return self.conn.has_extension("DSN")
+
+    @property
+    def handoff(self) -> Handoff:
+        """How a recipient this session delivered left: MAILBOX for LMTP (final delivery),
+        else DSN_PASSED or RELAYED as the server offered DSN or not (RFC 3461 4.2)."""
+        if self.conn.config.lmtp:
+            return Handoff.MAILBOX
+        return Handoff.DSN_PASSED if self.offers_dsn else Handoff.RELAYED
+
     def feed_walk(self) -> None:
         """Tell the walk what this session decided (call once, when ``done``)."""
         walk, setup = self.walk, self.setup.result
@@ -372,8 +389,11 @@ def notifications(
     policy: RetryPolicy,
 ) -> list[DSNMessage]:
     """The DSNs one completed attempt owes the sender: a bounce for the recipients that
-    failed in it, and a delay notice when the Scheduler says it is time for one.  Empty for a
-    null sender (RFC 5321 6.1: never a bounce for a bounce) and as NOTIFY says.
+    failed in it, a delay notice when the Scheduler says it is time for one, and a success
+    notice for recipients delivered in it that asked NOTIFY=SUCCESS ("delivered" into a
+    mailbox, "relayed" to a next hop without DSN; nothing for a next hop that took the
+    request over: RFC 3461 4.2, 6.2.1; build_dsn decides).  Empty for a null sender (RFC 5321
+    6.1: never a bounce for a bounce) and as NOTIFY says.
 
     Args:
         completion: from Scheduler.complete.
@@ -397,6 +417,10 @@ def notifications(
             original=content,
             will_retry_until=message.arrival + policy.lifetime,
         )
+        if dsn is not None:
+            out.append(dsn)
+    if completion.delivered:
+        dsn = build_dsn(message, completion.delivered, hostname=hostname, now=now, original=content)
         if dsn is not None:
             out.append(dsn)
     return out

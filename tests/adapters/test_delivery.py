@@ -79,6 +79,8 @@ ZONE = {
     # drops the connection after the data (.8)
     "drop.test": {"MX": ["10 mx.drop.test."]},
     "mx.drop.test": {"A": ["127.0.0.8"]},
+    # a receiver without DSN in its EHLO, started by the tests that need it (.6)
+    "nodsn.test": {"A": ["127.0.0.6"]},
 }
 
 
@@ -100,15 +102,19 @@ class Receiver(Handler):
         self.mail_reply: Reply | None = None
         self.rcpt_replies: dict[str, Reply] = {}
         self.sessions = 0
+        self.mails: list[MailFrom] = []  # every MAIL and RCPT command, with its parameters
+        self.rcpts: list[RcptTo] = []
 
     def on_connect(self, session: Session) -> Reply | None:
         self.sessions += 1
         return None
 
     def on_mail_from(self, session: Session, event: MailFrom) -> Reply | None:
+        self.mails.append(event)
         return self.mail_reply
 
     def on_rcpt_to(self, session: Session, event: RcptTo) -> Reply | None:
+        self.rcpts.append(event)
         return self.rcpt_replies.get(event.address)
 
     def on_message_start(self, session: Session) -> None:
@@ -213,10 +219,12 @@ class Net:
     receivers: dict[str, Receiver] = field(default_factory=dict)
     controllers: list[Controller] = field(default_factory=list)
 
-    def start_receiver(self, host: str) -> Receiver:
+    def start_receiver(self, host: str, **config: Any) -> Receiver:
         receiver = Receiver()
         controller = Controller(
-            receiver, ServerConfig(hostname=f"mx-{host}.test"), listen=[(host, self.port)]
+            receiver,
+            ServerConfig(hostname=f"mx-{host}.test", **config),
+            listen=[(host, self.port)],
         )
         controller.start()
         self.receivers[host] = receiver
@@ -237,6 +245,8 @@ class Net:
             r.sessions = 0
             r.mail_reply = None
             r.rcpt_replies.clear()
+            r.mails.clear()
+            r.rcpts.clear()
 
 
 HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]
@@ -982,6 +992,132 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(
         run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port), kind=kind)
     finally:
         server.stop()
+
+
+@over_agents
+def test_lmtp_delivery_with_notify_success_is_reported_delivered(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    boxes = LmtpMailboxes()
+    server = Controller(boxes, ServerConfig(hostname="store.test", lmtp=True))
+    server.start()
+    host, port = server.addresses[0]
+
+    async def body(w: World) -> None:
+        await submit(w, "ok@local.test", notify=("SUCCESS",))
+        await w.run_once()
+        assert only(boxes.messages).recipients == ["ok@local.test"]
+        (rcpt,) = parse_dsn(only(bounces(mx)).content).recipients
+        assert rcpt.action is DSNAction.DELIVERED  # LMTP is final delivery, DSN or not
+        assert rcpt.final_recipient == "rfc822;ok@local.test"
+
+    try:
+        run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port), kind=kind)
+    finally:
+        server.stop()
+
+
+# --- RFC 3461 success notices: delivered, relayed, or passed on ----------------------------------
+
+
+@over_agents
+def test_notify_success_to_a_next_hop_without_dsn_sends_a_relayed_notice(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    plain = mx.start_receiver("127.0.0.6", dsn=False)
+
+    async def body(w: World) -> None:
+        qid = await submit(w, "pat@nodsn.test", notify=("SUCCESS",), orcpt="rfc822;pat@nodsn.test")
+        await w.run_once()  # the delivery, then the notice it queued
+        (rcpt_cmd,) = plain.rcpts
+        assert rcpt_cmd.notify is None and rcpt_cmd.orcpt is None  # nowhere to pass them
+        notice = only(bounces(mx))
+        assert notice.recipients == [SENDER]
+        report = parse_dsn(notice.content)
+        (rcpt,) = report.recipients
+        assert rcpt.action is DSNAction.RELAYED
+        assert rcpt.status.startswith("2.")
+        assert rcpt.final_recipient == "rfc822;pat@nodsn.test"
+        assert rcpt.original_recipient == "rfc822;pat@nodsn.test"
+        assert rcpt.remote_mta == "dns;nodsn.test"
+        assert b"Subject: Successful Mail Delivery Report" in notice.content
+        assert b"Hi!" not in notice.content  # headers only: nothing failed
+        assert qid not in w.agent.scheduler and w.store.list() == []
+        assert w.agent.counters["dsn_sent"] == 1
+
+    try:
+        run(mx, tmp_path, body, kind=kind)
+    finally:
+        mx.stop_receiver("127.0.0.6")
+
+
+@over_agents
+def test_notify_success_to_a_dsn_next_hop_is_passed_on_without_a_notice(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    async def body(w: World) -> None:
+        await w.submit(
+            MailFrom(address=SENDER, ret="HDRS", envid="ENV-7"),
+            [
+                RcptTo(
+                    address="quinn@backup.test",
+                    notify=("SUCCESS", "FAILURE"),
+                    orcpt="rfc822;quinn@backup.test",
+                )
+            ],  # fmt: skip
+            MESSAGE,
+        )
+        await w.run_once()
+        receiver = mx.receivers["127.0.0.3"]
+        assert only(receiver.messages).recipients == ["quinn@backup.test"]
+        (mail,) = receiver.mails
+        assert (mail.ret, mail.envid) == ("HDRS", "ENV-7")
+        (rcpt,) = receiver.rcpts
+        assert rcpt.notify == ("SUCCESS", "FAILURE")
+        assert rcpt.orcpt == "rfc822;quinn@backup.test"
+        assert bounces(mx) == []  # the next hop reports now, not this MTA
+        assert w.agent.counters["dsn_sent"] == 0
+
+    run(mx, tmp_path, body, kind=kind)
+
+
+@over_agents
+def test_notify_success_on_local_delivery_sends_a_delivered_notice(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "rose@local.test", "app@app.test", notify=("SUCCESS",))
+        await w.run_once()
+        assert len(list(w.maildirs.glob("local.test/rose/new/*"))) == 1
+        # one notice per destination (each is its own delivery)
+        reports = [parse_dsn(m.content) for m in bounces(mx)]
+        assert len(reports) == 2
+        assert {(r.final_recipient, r.action) for rep in reports for r in rep.recipients} == {
+            ("rfc822;rose@local.test", DSNAction.DELIVERED),
+            ("rfc822;app@app.test", DSNAction.DELIVERED),
+        }
+
+    run(mx, tmp_path, body, kind=kind)
+
+
+@over_agents
+def test_no_success_notice_without_notify_success_or_from_the_null_sender(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    plain = mx.start_receiver("127.0.0.6", dsn=False)
+
+    async def body(w: World) -> None:
+        await submit(w, "sam@nodsn.test", "sid@local.test")  # no NOTIFY: failures only
+        await submit(w, "sue@nodsn.test", "sal@local.test", sender="", notify=("SUCCESS",))
+        await w.run_once()
+        assert len(plain.messages) == 2
+        assert bounces(mx) == []
+        assert w.agent.counters["dsn_sent"] == 0
+
+    try:
+        run(mx, tmp_path, body, kind=kind)
+    finally:
+        mx.stop_receiver("127.0.0.6")
 
 
 @over_agents
