@@ -824,7 +824,8 @@ def open_store(
     Args:
         directory: the spool directory (created if missing).
         store_format: "files" (DirectoryStore), "log" (LogStore, adapters/_segstore.py) or
-            "auto" (whatever the directory already holds; "files" for a new one).
+            "auto" (whatever the directory already holds; "log" for a new one: the
+            faster of the two, see adapters/_segstore.py).
         **options: keyword arguments of that backend's constructor.
 
     Returns:
@@ -838,7 +839,7 @@ def open_store(
     if store_format not in STORE_FORMATS:
         raise ValueError(f"store_format must be one of {STORE_FORMATS}, not {store_format!r}")
     if store_format == "auto":
-        store_format = detect_format(directory) or "files"
+        store_format = detect_format(directory) or "log"
     if store_format == "log":
         from mailwire.adapters._segstore import LogStore  # imports this module
 

@@ -12,6 +12,8 @@ TOML keys (all optional)::
     listen = ["127.0.0.1:2525", "[::1]:2525"]
     hostname = "mx.example.org"
     spool = "./spool"
+    spool_format = "auto"            # "log" (segment log), "files" (one file per message),
+                                     # "auto": what the spool holds, "log" for a new one
     tls_cert = "cert.pem"            # with tls_key: STARTTLS (or implicit TLS, see below)
     tls_key = "key.pem"
     implicit_tls = false             # TLS from the first byte (port 465 style)
@@ -71,7 +73,7 @@ from typing import Any
 
 from mailwire.adapters._credentials import SCRYPT_LN, CredentialsFile, add_user, remove_user
 from mailwire.adapters._driver import BaseController, Session
-from mailwire.adapters._spool import SpoolHandler
+from mailwire.adapters._spool import STORE_FORMATS, SpoolError, SpoolHandler
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import AuthCredentials, MailFrom, RcptTo, Reply
@@ -90,6 +92,7 @@ class Settings:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"])
     hostname: str = ""  # empty: this host's FQDN
     spool: str = "./spool"
+    spool_format: str = "auto"
     tls_cert: str | None = None
     tls_key: str | None = None
     implicit_tls: bool = False
@@ -522,7 +525,7 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
         log.warning("credentials given but no TLS: AUTH is never offered on the main listener")
     policy = type("SpoolServer", (AuthPolicy, RelayPolicy, RateLimitPolicy, SpoolHandler), {})
     try:
-        handler: SpoolHandler = policy(settings.spool)
+        handler: SpoolHandler = policy(settings.spool, store_format=settings.spool_format)
     except BaseException:
         if credentials is not None:
             credentials.close()
@@ -576,6 +579,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--listen", "-l", action="append", metavar="HOST:PORT", help="repeatable")
     add("--hostname")
     add("--spool", metavar="DIR")
+    add("--spool-format", choices=STORE_FORMATS, help="auto (default): the spool's own, log if new")
     add("--tls-cert", metavar="PEM")
     add("--tls-key", metavar="PEM")
     add("--implicit-tls", action="store_true", default=None)
@@ -678,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args["limits"] = limit_options(args["limits"])
         settings.update({k: v for k, v in args.items() if v is not None}, "options")
         controller, settings = build(settings)
-    except (ValueError, OSError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, OSError, SpoolError, tomllib.TOMLDecodeError) as exc:
         parser.error(str(exc))
     if deliver:
         _close_store(controller)  # run_mta builds its own server on the same spool

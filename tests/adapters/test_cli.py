@@ -25,7 +25,7 @@ from conftest import CLIENT_TIMEOUT, RUNTIMES
 from mailwire.adapters import cli
 from mailwire.adapters._credentials import CredentialsFile, add_user
 from mailwire.adapters._driver import Handler, Session
-from mailwire.adapters._spool import SpoolHandler
+from mailwire.adapters._spool import SpoolError, SpoolHandler, detect_format
 from mailwire.protocol import RcptTo, Reply
 from mailwire.protocol._policy import Limit, Rate, SenderLimits
 from mailwire.protocol._policy import RelayPolicy as RelayRules
@@ -177,6 +177,30 @@ def test_mailwire_serve_spools_message_and_stops_gracefully_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_new_spools_are_segment_logs_and_existing_ones_keep_their_format(
+    tmp_path: Path,
+) -> None:
+    def opened(**values: Any) -> str:
+        settings = cli.Settings(listen=["127.0.0.1:0"], hostname="mx.test")
+        settings.update(values, "test")
+        controller, _ = cli.build(settings)
+        try:
+            return type(controller.handler.store).__name__  # type: ignore[attr-defined]
+        finally:
+            controller.handler.close()  # type: ignore[attr-defined]
+
+    assert opened(spool=str(tmp_path / "new")) == "LogStore"
+    assert detect_format(tmp_path / "new") == "log"
+    assert opened(spool=str(tmp_path / "old"), spool_format="files") == "DirectoryStore"
+    assert opened(spool=str(tmp_path / "old")) == "DirectoryStore"  # auto keeps it
+    with pytest.raises(SpoolError, match="files"):
+        opened(spool=str(tmp_path / "old"), spool_format="log")  # never converted implicitly
+    with pytest.raises(SystemExit) as exit_:  # ... and the command line says so cleanly
+        cli.main(["serve", "--no-deliver", "--spool", str(tmp_path / "old"),
+                  "--spool-format", "log", "--listen", "127.0.0.1:0"])  # fmt: skip
+    assert exit_.value.code == 2
 
 
 def test_bad_config_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ def test_a_spool_is_never_opened_as_the_other_format(tmp_path: Path, fmt: str, o
 def test_new_spool_format_follows_the_choice(tmp_path: Path) -> None:
     assert detect_format(tmp_path / "missing") is None
     with opened(tmp_path / "a", "auto") as s:
-        assert isinstance(s, DirectoryStore)
+        assert isinstance(s, LogStore)  # a new spool is a segment log
     handler = SpoolHandler(tmp_path / "b", store_format="log")
     handler.close()
     assert detect_format(tmp_path / "b") == "log"
