@@ -191,15 +191,38 @@ class _Connection(asyncio.BufferedProtocol):
         return self.server.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.driver is None or self.closed:
+        driver = self.driver
+        if driver is None or self.closed:
             return
         data = self.server.buffer[:nbytes].tobytes()
         if self.early is not None:
             self.early.append(data)
             return
-        self.driver.receive(data)
-        if not self.busy:
-            self._process()
+        driver.receive(data)
+        if self.busy:
+            return
+        # the common case inline: a reply to write and the next read (see _outcome)
+        self.steps = steps = driver.process()
+        outcome = step(steps)
+        live = self.live
+        if (
+            outcome != "READ"
+            or self.lost
+            or self.server.stopping
+            or live is None
+            or live.kicked
+            or self.read_paused
+        ):
+            self._advance(outcome)
+            return
+        out = driver.data_to_send()
+        if out:
+            assert self.transport is not None
+            self.transport.write(out)
+        live.reading = True
+        deadline, timer = driver.deadline, self.timer
+        if deadline is not None and (timer is None or timer.when() > deadline):
+            self._arm()
 
     def eof_received(self) -> bool:
         if self.early is not None:
