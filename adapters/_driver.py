@@ -34,6 +34,13 @@
 # synchronous handlers never cost a task switch.  Handler exceptions are sent back into the
 # generator as a failure value, never raised through it.
 #
+# Cost.  A handler hook that is still Handler's own (not overridden in the handler's class,
+# not set on the instance; decided once per connection) is not called at all: its result is
+# known to be None, i.e. the default reply, and the call would cost more than the engine's
+# work for the command.  The commands of every transaction (MAIL, RCPT, DATA, message data,
+# end of message) are dispatched by exact type before the general match.  With a discarding
+# handler this leaves ~8 us per 1 KB message of smtp-source traffic on top of the engine.
+#
 # Graceful shutdown.  Live records a connection for its adapter; kick() marks it for a 421
 # (only when idle unless forced) and wakes a blocked read; the adapter sends the 421 the next
 # time the session would read.
