@@ -56,7 +56,9 @@ from mailwire.protocol._events import (
     Quit,
     RcptTo,
     Reply,
+    Rset,
 )
+from mailwire.protocol._state import SessionState
 from mailwire.protocol._transaction import (
     MailTransaction,
     SessionSetup,
@@ -263,8 +265,10 @@ def check_tls_mode(tls: str) -> TLSMode:
 
 class ClientSession:
     """One client session without I/O: SessionSetup, the one transaction a subclass makes in
-    ``_start_transaction``, then QUIT.  Shared by ``send_message`` (SendJob) and the MTA's
-    delivery (adapters/_delivery.DeliverySession); the runtimes only move bytes.
+    ``_start_transaction``, then QUIT (or, with ``keep_open``, RSET and the session left open
+    for the next transaction: the delivery agent's connection cache).  Shared by
+    ``send_message`` (SendJob) and the MTA's delivery (adapters/_delivery.DeliverySession);
+    the runtimes only move bytes.
 
     Args:
         conn: a fresh client engine.
@@ -273,6 +277,12 @@ class ClientSession:
         timeout: longest wait for any single reply, seconds (on top of the engine's RFC 5321
             deadlines, which are minutes long).
         now: the current time (monotonic clock).
+        setup: the finished, successful SessionSetup of an open session to carry this
+            transaction (connection reuse: no greeting, no EHLO); ``conn`` must be its
+            connection.  The subclass starts the transaction with ``_advance()`` once it is
+            ready.  None: a fresh session.
+        keep_open: after a clean transaction, end with RSET instead of QUIT and, when the
+            server accepts it, leave the session open (``parked``) for the next one.
     """
 
     def __init__(
@@ -283,13 +293,22 @@ class ClientSession:
         sasl: SaslMechanism | None,
         timeout: float,
         now: float,
+        setup: SessionSetup | None = None,
+        keep_open: bool = False,
     ) -> None:
         self.conn = conn
-        self.setup = SessionSetup(conn, starttls=starttls, sasl=sasl, now=now)
+        if setup is None:
+            setup = SessionSetup(conn, starttls=starttls, sasl=sasl, now=now)
+        elif setup.conn is not conn or not setup.result.ok:
+            raise LocalProtocolError("a reused session needs its own successful setup")
+        self.setup = setup
         self.transaction: MailTransaction | None = None
         self.timeout = timeout
         self.error: str | None = None
         self.done = False
+        self.keep_open = keep_open
+        self.parked = False  # done, and left open after RSET for another transaction
+        self._parking = False
         self._quitting = False
         self._now = now
         self._last_progress = now
@@ -417,15 +436,45 @@ class ClientSession:
         if not self.transaction.done:
             return
         if not self._quitting:
-            self._quit()
+            if not self._park():
+                self._quit()
             return
-        while True:  # waiting for the reply to QUIT
+        while True:  # waiting for the reply to QUIT (or to the RSET that parks the session)
             event = self.conn.next_event()
             if event is NEED_DATA:
                 return
+            if self._parking and isinstance(event, Reply) and isinstance(event.command, Rset):
+                self._parking = False
+                if event.is_positive and self.conn.state is SessionState.READY:
+                    self.parked = self.done = True
+                    return
+                self._quit()  # not fit for another transaction after all
+                if self.done:
+                    return
+                continue
             if event is PAUSED or isinstance(event, (ConnectionClosed, Reply)):
                 self.done = True
                 return
+
+    def _park(self) -> bool:
+        """RSET a clean session to keep it open (``keep_open``); False: QUIT instead."""
+        conn, transaction = self.conn, self.transaction
+        if (
+            not self.keep_open
+            or self.error is not None
+            or transaction is None
+            or transaction.result.error is not None
+            or conn.state is not SessionState.READY
+            or conn.pending
+        ):
+            return False
+        self._quitting = self._parking = True  # a timeout or a broken connection just ends it
+        try:
+            conn.send(Rset(), now=self._now)
+        except LocalProtocolError:
+            self._quitting = self._parking = False
+            return False
+        return True
 
     def _quit(self) -> None:
         self._quitting = True

@@ -95,7 +95,7 @@ from mailwire.protocol._trace import (
     received_header,
     with_protocol,
 )
-from mailwire.protocol._transaction import MailTransaction
+from mailwire.protocol._transaction import MailTransaction, SessionSetup
 
 Nameservers = Sequence[tuple[str, int]]
 
@@ -129,6 +129,14 @@ class DeliveryConfig:
         lmtp: deliver local domains over LMTP (RFC 2033) to this mailbox server (a
             NextHop without MX lookup, e.g. ``NextHop.parse("[127.0.0.1]:24")``) instead of
             the local delivery callable; None: the callable.
+        connection_cache_time: seconds a session stays open (after RSET) once its message
+            is done, for the next message to the same target (address, port, TLS policy,
+            SMTP or LMTP) to reuse without a new connection, greeting and EHLO (Postfix's
+            connection cache); 0: never cached.
+        connection_cache_size: sessions kept open at most, all targets together (the
+            oldest is closed to make room).
+        connection_reuse_limit: transactions a session carries after its first at most;
+            then it ends with QUIT.
     """
 
     hostname: str = "localhost"
@@ -145,6 +153,14 @@ class DeliveryConfig:
     max_deliveries: int = 100
     client: ClientConfig | None = None
     lmtp: NextHop | None = None
+    connection_cache_time: float = 2.0
+    connection_cache_size: int = 32
+    connection_reuse_limit: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("connection_cache_time", "connection_cache_size", "connection_reuse_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
     def client_config(self, *, lmtp: bool = False) -> ClientConfig:
         """The client engine configuration to use (for SMTP, or for LMTP)."""
@@ -179,6 +195,10 @@ class DeliverySession(ClientSession):
         starttls: None: STARTTLS when offered; False: never.
         timeout: the longest wait for any single reply, seconds.
         now: the current (monotonic) time.
+        reuse: the setup of a cached open session with the same target (connection reuse:
+            the transaction starts at once, on that session's connection), or None.
+        keep_open: end a clean transaction with RSET and leave the session open (``parked``)
+            instead of QUIT.
 
     Raises:
         LocalProtocolError: the walk has no session in progress.
@@ -195,19 +215,32 @@ class DeliverySession(ClientSession):
         starttls: bool | None,
         timeout: float,
         now: float,
+        reuse: SessionSetup | None = None,
+        keep_open: bool = False,
     ) -> None:
         if walk.current is None:
             raise LocalProtocolError("the walk has no session in progress")
-        conn = ClientConnection(config, now=now)
-        super().__init__(conn, starttls=starttls, sasl=None, timeout=timeout, now=now)
+        conn = ClientConnection(config, now=now) if reuse is None else reuse.conn
+        super().__init__(
+            conn,
+            starttls=starttls,
+            sasl=None,
+            timeout=timeout,
+            now=now,
+            setup=reuse,
+            keep_open=keep_open,
+        )
         self.walk = walk
         self.target: Target = walk.current
         self.offered = walk.pending
         self.refusal: Reply | None = None  # our own refusal to send (SMTPUTF8)
         self.tls_failed = False  # set by the runtime when the STARTTLS handshake failed
+        self.reused = reuse is not None
         self._sender = sender
         self._recipients = recipients
         self._content = content
+        if reuse is not None:
+            self._advance()  # no greeting to wait for: MAIL goes out at once
 
     def _start_transaction(self) -> MailTransaction | None:
         if self._sender.smtputf8 and not self.conn.has_extension("SMTPUTF8"):
@@ -247,6 +280,18 @@ class DeliverySession(ClientSession):
         return RcptTo(address=address, notify=rcpt.notify, orcpt=rcpt.orcpt)
 
     # -- the outcome ---------------------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        """A reused session that turned out dead before the server answered MAIL (closed
+        while idle, reset, or a 421): nothing was decided, so the caller connects afresh
+        without counting an attempt, and does not feed the walk."""
+        if not self.reused or self.refusal is not None:
+            return False
+        if self.transaction is None:
+            return False
+        mail = self.transaction.result.mail
+        return mail is None or mail.code == 421
 
     @property
     def offers_dsn(self) -> bool:
