@@ -15,11 +15,30 @@
 #                        resolver on threads, the async one on anyio, both through the
 #                        agent's ``dns_cache`` (answers kept for their TTLs, shared by every
 #                        delivery);
-#   Talk(target, start)  connect to the target (connect_timeout), build the DeliverySession
-#                        with ``start(now)`` on the runtime's monotonic clock, run its I/O
-#                        loop (adapters/_delivery.py) and close; the result is the finished
-#                        session, or the text of why no connection could be made;
-#   LocalCall(fn, ...)   call the local delivery callable (sync or async).
+#   Talk(target, start, channel)
+#                        connect to the target (connect_timeout) -- or take the cached
+#                        ``channel``'s open connection -- build the DeliverySession with
+#                        ``start(now)`` on the runtime's monotonic clock, run its I/O loop
+#                        (adapters/_delivery.py) and close, unless the session is parked;
+#                        the result is Talked (the session, and the open stream of a
+#                        parked one), or the text of why no connection could be made;
+#   LocalCall(fn, ...)   call the local delivery callable (sync or async);
+#   Close(channels)      say QUIT (without waiting) on cached sessions and close them.
+#
+# Connection reuse (Postfix's connection cache).  A Talk may carry a Channel -- an SMTP session
+# left open after an earlier message -- and then the runtime converses on it instead of
+# connecting; when the session ends ``parked`` (DeliverySession's keep_open: RSET instead of
+# QUIT, answered 250) the runtime hands its open stream back (Talked.stream) instead of
+# closing it.  Everything else is decided here, once: the cache key (target address, port,
+# the STARTTLS choice of the attempt, SMTP or LMTP: a session is never reused under another
+# TLS policy), SessionCache's bounds (``connection_cache_size`` sessions, each idle at most
+# ``connection_cache_time`` seconds on the monotonic clock, newest reused first, oldest
+# evicted), the reuse limit (``connection_reuse_limit`` transactions after the first), and
+# what a dead cached session means: a reused session that fails before MAIL is answered
+# (closed while idle, reset, 421) decided nothing, so the same target is connected to afresh
+# and the walk never hears of it (no failed attempt).  The runtimes reap idle sessions in
+# their run() loops (_expired_channels / _channel_delay) and close all of them when run()
+# ends (stop()) or on close_cached().
 #
 # An exception raised by an Op is thrown into the generator at the yield, so the logic
 # handles store errors where it asked.  Scheduling (when to pop work, how many deliveries at
@@ -39,6 +58,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -64,7 +84,8 @@ from mailwire.adapters._dns import DnsCache
 from mailwire.adapters._spool import MessageStore, SpoolEnvelope, SpoolError, StoredMessage
 from mailwire.protocol._dnsquery import RouteLookup
 from mailwire.protocol._dsn import DSNAction, DSNMessage
-from mailwire.protocol._events import MailFrom, RcptTo, Reply
+from mailwire.protocol._errors import LocalProtocolError
+from mailwire.protocol._events import MailFrom, Quit, RcptTo, Reply
 from mailwire.protocol._queue import (
     Completion,
     Delivery,
@@ -86,6 +107,7 @@ from mailwire.protocol._routing import (
     group_recipients,
 )
 from mailwire.protocol._routing import RecipientStatus as WalkStatus
+from mailwire.protocol._transaction import SessionSetup
 
 log = logging.getLogger("mailwire.adapters.delivery")
 T = TypeVar("T")
@@ -114,14 +136,138 @@ class Resolve:
     lookup: RouteLookup
 
 
+CacheKey: TypeAlias = tuple[str, int, "bool | None", bool]
+"""What a cached session is kept for: (address, port, STARTTLS choice, LMTP)."""
+
+
+@dataclasses.dataclass(slots=True, eq=False, kw_only=True)
+class Channel:
+    """An open SMTP session parked between messages (see the module comment).
+
+    Attributes:
+        key: the cache key.
+        target: the target it is connected to.
+        stream: the runtime's open connection (an anyio stream, a socket).
+        setup: the session's finished setup (its ``conn`` is READY for MAIL).
+        reuses: how many times it was taken from the cache so far.
+        idle_until: when it is closed if nobody takes it (monotonic seconds).
+    """
+
+    key: CacheKey
+    target: Target
+    stream: object
+    setup: SessionSetup
+    reuses: int = 0
+    idle_until: float = 0.0
+
+    def goodbye(self) -> bytes:
+        """The QUIT to write (best effort, no reply awaited) before closing."""
+        conn = self.setup.conn
+        try:
+            conn.send(Quit())
+            return conn.data_to_send()
+        except LocalProtocolError:
+            return b""
+
+
+class SessionCache:
+    """Parked sessions by key, bounded in number and idle time; no I/O, no clock of its own
+    (``now`` is the runtime's monotonic time).  Not thread-safe: the agent's lock guards it.
+
+    Args:
+        size: sessions kept at most (all keys together); the oldest is evicted.
+        idle: seconds a session may wait for its next message.
+    """
+
+    def __init__(self, *, size: int, idle: float) -> None:
+        self.size = size
+        self.idle = idle
+        self._by_key: dict[CacheKey, list[Channel]] = {}
+        self._order: dict[Channel, None] = {}  # parking order == expiry order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def put(self, channel: Channel, now: float) -> list[Channel]:
+        """Park ``channel``.  Returns the sessions to close (evicted to stay within
+        ``size``; ``channel`` itself when the cache holds nothing)."""
+        if self.size <= 0 or self.idle <= 0:
+            return [channel]
+        channel.idle_until = now + self.idle
+        self._by_key.setdefault(channel.key, []).append(channel)
+        self._order[channel] = None
+        evicted = []
+        while len(self._order) > self.size:
+            oldest = next(iter(self._order))
+            self._remove(oldest)
+            evicted.append(oldest)
+        return evicted
+
+    def take(self, key: CacheKey, now: float) -> Channel | None:
+        """The most recently parked live session for ``key`` (removed from the cache), or
+        None.  An expired one is left for expire()."""
+        stack = self._by_key.get(key)
+        if not stack or stack[-1].idle_until <= now:
+            return None
+        channel = stack[-1]
+        self._remove(channel)
+        return channel
+
+    def expire(self, now: float) -> list[Channel]:
+        """Remove and return the sessions idle past their time (to close)."""
+        out = []
+        for channel in self._order:
+            if channel.idle_until > now:
+                break
+            out.append(channel)
+        for channel in out:
+            self._remove(channel)
+        return out
+
+    def next_expiry(self) -> float | None:
+        """When the oldest session expires, or None when the cache is empty."""
+        return next(iter(self._order)).idle_until if self._order else None
+
+    def drain(self) -> list[Channel]:
+        """Remove and return every session (to close)."""
+        out = list(self._order)
+        self._order.clear()
+        self._by_key.clear()
+        return out
+
+    def _remove(self, channel: Channel) -> None:
+        del self._order[channel]
+        stack = self._by_key[channel.key]
+        stack.remove(channel)
+        if not stack:
+            del self._by_key[channel.key]
+
+
 @dataclass(frozen=True, slots=True)
 class Talk:
-    """Connect to ``target``; on success build the session with ``start(now)`` (``now`` on
-    the runtime's monotonic clock, taken once connected) and run it to its end.  The result
-    is the finished DeliverySession, or a str: why no connection could be made."""
+    """Connect to ``target`` (or use ``channel``'s open connection); build the session with
+    ``start(now)`` (``now`` on the runtime's monotonic clock, taken once connected) and run
+    it to its end.  The result is Talked, or a str: why no connection could be made."""
 
     target: Target
     start: Callable[[float], DeliverySession]
+    channel: Channel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Talked:
+    """The result of a Talk: the finished session, and when it ended ``parked`` the open
+    stream (the runtime did not close it: the agent caches it or has it closed)."""
+
+    session: DeliverySession
+    stream: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Write each channel's goodbye() (best effort) and close its stream."""
+
+    channels: tuple[Channel, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +280,7 @@ class LocalCall:
     content: bytes
 
 
-Op: TypeAlias = Blocking | Resolve | Talk | LocalCall
+Op: TypeAlias = Blocking | Resolve | Talk | LocalCall | Close
 Steps: TypeAlias = Generator[Op, object, T]
 
 
@@ -246,7 +392,18 @@ class AgentCore:
         )
         self.client_config = config.client_config()
         self.lmtp_config = config.client_config(lmtp=True)
-        self.counters = {"delivered": 0, "deferred": 0, "bounced": 0, "dsn_sent": 0}
+        self.counters = {
+            "delivered": 0,
+            "deferred": 0,
+            "bounced": 0,
+            "dsn_sent": 0,
+            "connections_reused": 0,
+        }
+        self.sessions = SessionCache(
+            size=config.connection_cache_size, idle=config.connection_cache_time
+        )
+        self.monotonic = time.monotonic  # the cache's clock (idle times are real time)
+        self._stopping = False
         # Messages whose delay notice went out before a restart (from the journal): the
         # Scheduler does not know, and would signal a second one.
         # Guards the Scheduler and the counters: a no-op where one thread does everything.
@@ -601,6 +758,74 @@ class AgentCore:
             out.append(WalkResult(recipient=rcpt, status=status, reply=reply))
         return out
 
+    # --- connection reuse ---------------------------------------------------------------------
+
+    def _session(
+        self,
+        target: Target,
+        key: CacheKey,
+        start: Callable[..., DeliverySession],
+        queue_id: str,
+    ) -> Steps[DeliverySession | str]:
+        """One session with ``target``: on a cached connection when there is one (a dead
+        one is replaced by a fresh connection, uncounted), parked afterwards when it can be.
+        Returns the finished session, or why no connection could be made."""
+        with self._lock:
+            channel = self.sessions.take(key, self.monotonic())
+        while True:
+            reuses = 0 if channel is None else channel.reuses + 1
+            keep = (
+                self.sessions.idle > 0
+                and self.sessions.size > 0
+                and reuses < self.config.connection_reuse_limit
+                and not self._stopping
+            )
+            if channel is not None:
+                log.info("%s: reusing the connection to %s (reuse %d)", queue_id, target, reuses)
+            begin = partial(start, reuse=None if channel is None else channel.setup, keep_open=keep)
+            outcome = yield Talk(target, begin, channel)
+            if isinstance(outcome, str):
+                return outcome
+            talked = cast(Talked, outcome)
+            session = talked.session
+            if channel is not None and session.stale:
+                log.info("%s: the cached connection to %s was gone (%s); connecting afresh",
+                         queue_id, target, session.error or "421")  # fmt: skip
+                channel = None
+                continue
+            if channel is not None:
+                with self._lock:
+                    self.counters["connections_reused"] += 1
+            if talked.stream is not None:
+                parked = Channel(
+                    key=key, target=target, stream=talked.stream, setup=session.setup,
+                    reuses=reuses,
+                )  # fmt: skip
+                with self._lock:
+                    if self._stopping:
+                        to_close = [parked]
+                    else:
+                        to_close = self.sessions.put(parked, self.monotonic())
+                if to_close:
+                    yield Close(tuple(to_close))
+            return session
+
+    def _expired_channels(self) -> list[Channel]:
+        """The cached sessions idle past their time, removed from the cache (to close)."""
+        with self._lock:
+            return self.sessions.expire(self.monotonic())
+
+    def _channel_delay(self) -> float | None:
+        """Seconds until the next cached session expires, or None when none is cached."""
+        with self._lock:
+            expiry = self.sessions.next_expiry()
+        return None if expiry is None else max(0.0, expiry - self.monotonic())
+
+    def _drain_channels(self) -> list[Channel]:
+        """Every cached session, removed from the cache (to close)."""
+        with self._lock:
+            return self.sessions.drain()
+
     def _lmtp_route(self, local: Route) -> Steps[Route]:
         """The route of local recipients to the LMTP mailbox server (its address looked up
         like a relay host's, by the same DNS machine)."""
@@ -634,7 +859,13 @@ class AgentCore:
         while (target := walk.next_target()) is not None:
             for starttls in (None, False) if opportunistic else (False,):
 
-                def start(now: float, starttls: bool | None = starttls) -> DeliverySession:
+                def start(
+                    now: float,
+                    *,
+                    starttls: bool | None = starttls,
+                    reuse: SessionSetup | None,
+                    keep_open: bool,
+                ) -> DeliverySession:
                     return DeliverySession(
                         walk,
                         sender=sender,
@@ -644,13 +875,16 @@ class AgentCore:
                         starttls=starttls,
                         timeout=self.config.reply_timeout,
                         now=now,
+                        reuse=reuse,
+                        keep_open=keep_open,
                     )
 
-                outcome = yield Talk(target, start)
+                key: CacheKey = (str(target.address), target.port, starttls, lmtp)
+                outcome = yield from self._session(target, key, start, queue_id)
                 if isinstance(outcome, str):
                     walk.feed(ConnectFailed(reason=outcome))
                     break
-                session = cast(DeliverySession, outcome)
+                session = outcome
                 if session.tls_failed and starttls is None:
                     # Opportunistic TLS (RFC 7435): a failed handshake is no reason to give
                     # up on the host; the same host is tried again in clear text at once.
@@ -672,12 +906,17 @@ class AgentCore:
 __all__ = [
     "AgentCore",
     "Blocking",
+    "CacheKey",
+    "Channel",
+    "Close",
     "LocalCall",
     "LocalDeliver",
     "Op",
     "Resolve",
+    "SessionCache",
     "Steps",
     "Talk",
+    "Talked",
     "drive",
     "drive_async",
     "is_async_callable",

@@ -30,7 +30,11 @@
 # and back-off.  Every lease is completed exactly once, even when a delivery crashes (its
 # recipients are then deferred with 451 4.3.0), so no recipient is ever lost or stuck.
 #
-# Not yet: connection reuse across messages to one host.
+# Connection reuse.  AgentCore decides (see adapters/_agent.py); here a Talk with a Channel
+# converses on its open stream instead of connecting, a parked session's stream is handed
+# back unclosed, Close writes QUIT (at most a second) and closes, run() closes the sessions
+# idle past connection_cache_time as it goes (its sleep is bounded by the next expiry) and
+# every cached one when it returns; close_cached() does the same for a caller of run_once().
 #
 # Restart.  start() queues every message the store holds (SpoolHandler's recovery already
 # removed unacknowledged leftovers).  The spool keeps no per-recipient state, so final
@@ -41,9 +45,11 @@
 # (into the spool), then the journal, then the removal of a finished message.
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -52,11 +58,14 @@ import anyio.streams.tls
 from mailwire.adapters._agent import (
     AgentCore,
     Blocking,
+    Channel,
+    Close,
     LocalCall,
     LocalDeliver,
     Op,
     Resolve,
     Talk,
+    Talked,
     drive_async,
     is_async_callable,
     reason,
@@ -141,9 +150,13 @@ class DeliveryAgent(AgentCore):
 
     def stop(self) -> None:
         """Make run() return, cutting the deliveries in flight (their recipients stay
-        queued); call on the agent's event loop."""
+        queued) and closing the cached sessions; call on the agent's event loop."""
         self._stopping = True
         self.wake()
+
+    async def close_cached(self) -> None:
+        """Close every cached session now (QUIT, then close)."""
+        await self._close_channels(self._drain_channels())
 
     # --- running ------------------------------------------------------------------------------
 
@@ -156,6 +169,7 @@ class DeliveryAgent(AgentCore):
         """
         count = 0
         limit = anyio.CapacityLimiter(self.config.max_deliveries)
+        await self._close_channels(self._expired_channels())
         while True:
             due = self._pop_due()
             if not due:
@@ -171,20 +185,30 @@ class DeliveryAgent(AgentCore):
         starts it sleeps until the next due time, a wake() (new mail, a finished delivery, a
         queue verb), or ``idle`` seconds."""
         limit = self.config.max_deliveries
-        async with anyio.create_task_group() as group:
-            while not self._stopping:
-                self._wake = anyio.Event()
-                free = limit - self.scheduler.in_flight
-                if free > 0:
-                    for delivery in self._pop_due(limit=free):
-                        group.start_soon(self._run_one, delivery)
-                wakeup = self.scheduler.next_wakeup()
-                delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
-                if self.scheduler.in_flight >= limit:
-                    delay = idle  # a finishing delivery wakes us
-                with anyio.move_on_after(delay):
-                    await self._wake.wait()
-            group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as group:
+                while not self._stopping:
+                    self._wake = anyio.Event()
+                    free = limit - self.scheduler.in_flight
+                    if free > 0:
+                        for delivery in self._pop_due(limit=free):
+                            group.start_soon(self._run_one, delivery)
+                    expired = self._expired_channels()
+                    if expired:
+                        group.start_soon(self._close_channels, expired)
+                    wakeup = self.scheduler.next_wakeup()
+                    delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
+                    if self.scheduler.in_flight >= limit:
+                        delay = idle  # a finishing delivery wakes us
+                    reap = self._channel_delay()
+                    if reap is not None:
+                        delay = min(delay, reap)
+                    with anyio.move_on_after(delay):
+                        await self._wake.wait()
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_channels(self._drain_channels())
 
     async def _run_one(self, delivery: Delivery) -> None:
         try:
@@ -207,7 +231,21 @@ class DeliveryAgent(AgentCore):
             return await self._talk(op)
         if isinstance(op, LocalCall):
             return await self._local(op)
+        if isinstance(op, Close):
+            await self._close_channels(op.channels)
+            return None
         raise TypeError(f"unknown op {op!r}")
+
+    async def _close_channels(self, channels: Sequence[Channel]) -> None:
+        for channel in channels:
+            stream = cast(anyio.abc.ByteStream, channel.stream)
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1.0):
+                    with contextlib.suppress(Exception):
+                        if goodbye := channel.goodbye():
+                            await stream.send(goodbye)
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
 
     async def _local(self, op: LocalCall) -> object:
         if is_async_callable(op.fn):
@@ -217,22 +255,27 @@ class DeliveryAgent(AgentCore):
             return await result
         return result
 
-    async def _talk(self, op: Talk) -> DeliverySession | str:
+    async def _talk(self, op: Talk) -> Talked | str:
         target = op.target
+        stream: anyio.abc.ByteStream
+        if op.channel is not None:
+            stream = cast(anyio.abc.ByteStream, op.channel.stream)
+        else:
+            try:
+                with anyio.fail_after(self.config.connect_timeout):
+                    stream = await anyio.connect_tcp(str(target.address), target.port)
+            except (OSError, TimeoutError) as exc:
+                return reason(exc)
+        keep = False
         try:
-            with anyio.fail_after(self.config.connect_timeout):
-                stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                    str(target.address), target.port
-                )
-        except (OSError, TimeoutError) as exc:
-            return reason(exc)
-        session = op.start(anyio.current_time())
-        try:
+            session = op.start(anyio.current_time())
             stream = await self._converse(session, stream, target.host)
+            keep = session.parked and not self._stopping
         finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-        return session
+            if not keep:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+        return Talked(session, stream if keep else None)
 
     async def _converse(
         self, session: DeliverySession, stream: anyio.abc.ByteStream, host: str

@@ -25,6 +25,13 @@
 # around every use of it, so the queue verbs may be called from any thread (the MTA's control
 # socket, the server's commit thread) without a portal.
 #
+# Connection reuse.  AgentCore decides (see adapters/_agent.py); here a Talk with a Channel
+# converses on its open socket (the TLS one after STARTTLS) instead of connecting, a parked
+# session's socket is handed back open (and untracked: it is no longer in use), Close writes
+# QUIT without blocking and closes, run()'s loop closes the sessions idle past
+# connection_cache_time (its wait is bounded by the next expiry), and stop() and
+# close_cached() close every cached one at once.
+#
 # stop() ends run(): the loop stops popping work, the sockets of deliveries in flight are shut
 # down (their sessions fail, so their recipients stay queued, as on anyio where the tasks are
 # cancelled), and the workers are joined for at most ``join_timeout`` seconds (a DNS query in
@@ -42,11 +49,14 @@ from collections.abc import Callable, Sequence
 from mailwire.adapters._agent import (
     AgentCore,
     Blocking,
+    Channel,
+    Close,
     LocalCall,
     LocalDeliver,
     Op,
     Resolve,
     Talk,
+    Talked,
     drive,
     reason,
 )
@@ -133,16 +143,23 @@ class BlockingDeliveryAgent(AgentCore):
 
     def stop(self) -> None:
         """Make run() return: no new deliveries start, the ones in flight are cut (their
-        recipients stay queued), and run() joins the workers."""
+        recipients stay queued), the cached sessions are closed, and run() joins the
+        workers."""
         with self._cond:
             self._stopping = True
             live = list(self._live)
+            cached = self._drain_channels()
             self._cond.notify_all()
+        self._close_channels(cached)
         for sock in live:
             with contextlib.suppress(OSError):
                 # the plain socket's shutdown, also under an SSLSocket: it wakes the worker
                 # blocked in recv() without touching the TLS object another thread uses
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def close_cached(self) -> None:
+        """Close every cached session now (QUIT, then close)."""
+        self._close_channels(self._drain_channels())
 
     # --- running ------------------------------------------------------------------------------
 
@@ -154,6 +171,7 @@ class BlockingDeliveryAgent(AgentCore):
             The number of deliveries run.
         """
         count = 0
+        self._close_channels(self._expired_channels())
         with concurrent.futures.ThreadPoolExecutor(
             self.config.max_deliveries, thread_name_prefix="mailwire-delivery"
         ) as pool:
@@ -182,10 +200,14 @@ class BlockingDeliveryAgent(AgentCore):
                         for delivery in self._pop_due(limit=free):
                             futures.add(pool.submit(self._run_one, delivery))
                     futures = {f for f in futures if not f.done()}
+                    self._close_channels(self._expired_channels())  # non-blocking
                     wakeup = self.scheduler.next_wakeup()
                     delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
                     if self.scheduler.in_flight >= limit:
                         delay = idle  # a finishing delivery wakes us
+                    reap = self._channel_delay()
+                    if reap is not None:
+                        delay = min(delay, reap)
                     if delay > 0:
                         self._cond.wait(delay)
         finally:
@@ -212,28 +234,50 @@ class BlockingDeliveryAgent(AgentCore):
             return self._talk(op)
         if isinstance(op, LocalCall):
             return op.fn(op.sender, op.recipient, op.content)
+        if isinstance(op, Close):
+            self._close_channels(op.channels)
+            return None
         raise TypeError(f"unknown op {op!r}")
 
-    def _talk(self, op: Talk) -> DeliverySession | str:
+    @staticmethod
+    def _close_channels(channels: Sequence[Channel]) -> None:
+        for channel in channels:
+            sock = channel.stream
+            assert isinstance(sock, socket.socket)
+            with contextlib.suppress(OSError):  # ssl.SSLError included
+                sock.setblocking(False)  # a goodbye, not a conversation: never wait
+                if goodbye := channel.goodbye():
+                    sock.send(goodbye)
+            sock.close()
+
+    def _talk(self, op: Talk) -> Talked | str:
         target = op.target
         with self._cond:
             if self._stopping:
                 return "the delivery agent is stopping"
-        try:
-            sock = socket.create_connection(
-                (str(target.address), target.port), timeout=self.config.connect_timeout
-            )
-        except OSError as exc:
-            return reason(exc)
-        session = op.start(time.monotonic())
+        if op.channel is not None:
+            sock = op.channel.stream
+            assert isinstance(sock, socket.socket)
+        else:
+            try:
+                sock = socket.create_connection(
+                    (str(target.address), target.port), timeout=self.config.connect_timeout
+                )
+            except OSError as exc:
+                return reason(exc)
         current = [sock]  # the socket in use: the TLS one after STARTTLS
         self._track(sock, None)
+        keep = False
         try:
+            session = op.start(time.monotonic())
             self._converse(session, current, target.host)
+            with self._cond:
+                keep = session.parked and not self._stopping
         finally:
             self._track(None, current[0])
-            current[0].close()
-        return session
+            if not keep:
+                current[0].close()
+        return Talked(session, current[0] if keep else None)
 
     def _track(self, new: socket.socket | None, old: socket.socket | None) -> None:
         with self._cond:

@@ -13,7 +13,10 @@ import pytest
 from mailwire.adapters._agent import (
     AgentCore,
     Blocking,
+    CacheKey,
+    Channel,
     Op,
+    SessionCache,
     Steps,
     drive,
     drive_async,
@@ -22,6 +25,10 @@ from mailwire.adapters._agent import (
 )
 from mailwire.adapters._delivery_anyio import DeliveryAgent
 from mailwire.adapters._delivery_threads import BlockingDeliveryAgent
+from mailwire.protocol._client import ClientConnection
+from mailwire.protocol._config import ClientConfig
+from mailwire.protocol._routing import Target
+from mailwire.protocol._transaction import SessionSetup
 
 
 def _steps(log: list[str]) -> Steps[str]:
@@ -100,7 +107,7 @@ def test_both_agents_offer_the_same_verbs() -> None:
     # the same verbs; awaitable on anyio where they do I/O, plain calls on threads
     assert not any(thread_verbs.values())
     awaited = {name for name, is_async in anyio_verbs.items() if is_async}
-    assert awaited == {"start", "submit", "delete", "deliver", "run", "run_once"}
+    assert awaited == {"start", "submit", "delete", "deliver", "run", "run_once", "close_cached"}
     shared = {n for n in anyio_verbs if getattr(AgentCore, n, None) is not None}
     assert {"queue", "flush", "hold", "release", "enqueue"} <= shared
 
@@ -121,3 +128,74 @@ def test_connection_failures_read_briefly() -> None:
     assert reason(TimeoutError()) == "connection timed out"
     assert reason(ConnectionRefusedError(111, "Connection refused")) == "Connection refused"
     assert reason(OSError()) == "OSError"
+
+
+# --- the connection cache (pure: no sockets, the caller's clock) ---------------------------------
+
+PLAIN: CacheKey = ("192.0.2.1", 25, False, False)
+OPPORTUNISTIC: CacheKey = ("192.0.2.1", 25, None, False)
+LMTP: CacheKey = ("192.0.2.1", 25, False, True)
+
+
+def _ready_setup() -> SessionSetup:
+    conn = ClientConnection(ClientConfig(local_hostname="mta.test"), now=0.0)
+    setup = SessionSetup(conn, starttls=False, now=0.0)
+    setup.receive_data(b"220 mx ESMTP\r\n", now=0.0)
+    conn.data_to_send()
+    setup.receive_data(b"250 mx\r\n", now=0.0)
+    assert setup.result.ok
+    return setup
+
+
+def _channel(key: CacheKey, name: str = "s") -> Channel:
+    from ipaddress import ip_address
+
+    target = Target(host="mx.test", address=ip_address(key[0]), port=key[1])
+    return Channel(key=key, target=target, stream=name, setup=_ready_setup())
+
+
+def test_a_cached_session_is_taken_only_for_its_own_key() -> None:
+    cache = SessionCache(size=4, idle=2.0)
+    plain = _channel(PLAIN)
+    assert cache.put(plain, 0.0) == []
+    assert cache.take(OPPORTUNISTIC, 1.0) is None  # never across TLS policies
+    assert cache.take(LMTP, 1.0) is None  # nor from SMTP to LMTP
+    assert cache.take(PLAIN, 1.0) is plain
+    assert cache.take(PLAIN, 1.0) is None  # taken means gone
+    assert len(cache) == 0
+
+
+def test_the_newest_session_is_reused_first_and_the_oldest_evicted() -> None:
+    cache = SessionCache(size=2, idle=2.0)
+    a, b, c = (_channel(PLAIN, n) for n in "abc")
+    assert cache.put(a, 0.0) == [] and cache.put(b, 0.1) == []
+    assert cache.put(c, 0.2) == [a]  # over the size: the oldest goes, to be closed
+    assert cache.take(PLAIN, 0.3) is c
+    assert cache.take(PLAIN, 0.3) is b
+
+
+def test_idle_sessions_expire_in_parking_order() -> None:
+    cache = SessionCache(size=8, idle=2.0)
+    a, b = _channel(PLAIN, "a"), _channel(OPPORTUNISTIC, "b")
+    cache.put(a, 0.0)
+    cache.put(b, 1.0)
+    assert cache.next_expiry() == 2.0
+    assert cache.take(PLAIN, 2.0) is None  # expired: not handed out
+    assert cache.expire(2.5) == [a]
+    assert cache.next_expiry() == 3.0
+    assert cache.drain() == [b]
+    assert cache.next_expiry() is None and len(cache) == 0
+
+
+@pytest.mark.parametrize(("size", "idle"), [(0, 2.0), (4, 0.0)])
+def test_a_disabled_cache_hands_every_session_back_to_close(size: int, idle: float) -> None:
+    cache = SessionCache(size=size, idle=idle)
+    a = _channel(PLAIN)
+    assert cache.put(a, 0.0) == [a]
+    assert len(cache) == 0
+
+
+def test_a_channel_says_quit_once_and_then_nothing() -> None:
+    channel = _channel(PLAIN)
+    assert channel.goodbye() == b"QUIT\r\n"
+    assert channel.goodbye() == b""  # the engine refuses a second QUIT: nothing to write

@@ -102,12 +102,16 @@ class Receiver(Handler):
         self.mail_reply: Reply | None = None
         self.rcpt_replies: dict[str, Reply] = {}
         self.sessions = 0
+        self.disconnects = 0
         self.mails: list[MailFrom] = []  # every MAIL and RCPT command, with its parameters
         self.rcpts: list[RcptTo] = []
 
     def on_connect(self, session: Session) -> Reply | None:
         self.sessions += 1
         return None
+
+    def on_disconnect(self, session: Session) -> None:
+        self.disconnects += 1
 
     def on_mail_from(self, session: Session, event: MailFrom) -> Reply | None:
         self.mails.append(event)
@@ -147,10 +151,19 @@ class DroppingServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], *, drop: bool = True, bad_tls: bool = False):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        drop: bool = True,
+        bad_tls: bool = False,
+        idle_close: bytes | None = None,
+    ):
         self.drop = drop
         self.bad_tls = bad_tls  # offer STARTTLS, then break the handshake
+        self.idle_close = idle_close  # after the reply to RSET: write this, then close
         self.starttls_seen = 0
+        self.connections = 0
         self.received: list[bytes] = []
         super().__init__(address, _DropHandler)
 
@@ -160,6 +173,7 @@ class _DropHandler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         w = self.wfile.write
+        self.server.connections += 1
         w(b"220 drop.test ESMTP\r\n")
         while line := self.rfile.readline():
             verb = line[:4].upper()
@@ -171,6 +185,9 @@ class _DropHandler(socketserver.StreamRequestHandler):
                 return  # and close: the handshake fails
             elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
                 w(b"250 ok\r\n")
+                if verb == b"RSET" and self.server.idle_close is not None:
+                    w(self.server.idle_close)  # as if the idle timer ran out
+                    return
             elif verb == b"DATA":
                 w(b"354 go ahead\r\n")
                 data = b""
@@ -188,6 +205,20 @@ class _DropHandler(socketserver.StreamRequestHandler):
                 return
             else:
                 w(b"500 what\r\n")
+
+
+@contextlib.contextmanager
+def dropping_server(port: int, **kw: Any) -> Iterator[DroppingServer]:
+    """A DroppingServer on 127.0.0.8 (drop.test) for the duration."""
+    server = DroppingServer(("127.0.0.8", port), **kw)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def _free_port(hosts: list[str]) -> int:
@@ -243,6 +274,7 @@ class Net:
         for r in self.receivers.values():
             r.messages.clear()
             r.sessions = 0
+            r.disconnects = 0
             r.mail_reply = None
             r.rcpt_replies.clear()
             r.mails.clear()
@@ -304,12 +336,15 @@ class World:
     maildirs: Path
     calls: list[tuple[str, str, bytes]]
     kind: str = "anyio-asyncio"
+    agents: list[Agent] = field(default_factory=list)  # every agent, to close their caches
 
     def new_agent(self, **kw: Any) -> Agent:
         """Another agent of the same kind on the same spool (a restart)."""
         kw.setdefault("clock", self.clock)
         cls = BlockingDeliveryAgent if self.kind == "threads" else DeliveryAgent
-        return cls(self.store, self.agent.config, **kw)
+        agent = cls(self.store, self.agent.config, **kw)
+        self.agents.append(agent)
+        return agent
 
     async def run_once(self, agent: Agent | None = None) -> int:
         return int(await settle((agent or self.agent).run_once()))
@@ -387,7 +422,15 @@ def run(net: Net, tmp_path: Path, body: Body, *, kind: str = "anyio-asyncio", **
         cls = BlockingDeliveryAgent if kind == "threads" else DeliveryAgent
         agent = cls(store, config, local=local, clock=clock)
         world = World(agent, clock, store, tmp_path / "mail", calls, kind)
-        anyio.run(body, world, backend="trio" if kind == "anyio-trio" else "asyncio")
+
+        async def body_then_close(w: World) -> None:
+            try:
+                await body(w)
+            finally:
+                for agent in [w.agent, *w.agents]:
+                    await settle(agent.close_cached())
+
+        anyio.run(body_then_close, world, backend="trio" if kind == "anyio-trio" else "asyncio")
     finally:
         store.close()
 
@@ -1150,6 +1193,172 @@ def test_a_hundred_hops_are_still_delivered(mx: Net, tmp_path: Path, kind: str) 
     run(mx, tmp_path, body, kind=kind)
 
 
+# --- connection reuse ----------------------------------------------------------------------------
+
+
+async def submit_each(w: World, *rcpts: str) -> list[str]:
+    """One message per recipient."""
+    return [await submit(w, r) for r in rcpts]
+
+
+@over_agents
+def test_messages_to_one_mx_share_one_connection(mx: Net, tmp_path: Path, kind: str) -> None:
+    async def body(w: World) -> None:
+        await submit_each(w, *(f"u{i}@implicit.test" for i in range(5)))
+        assert await w.run_once() == 5  # one at a time (max_deliveries=1)
+        receiver = mx.receivers["127.0.0.3"]
+        assert len(receiver.messages) == 5
+        assert receiver.sessions == 1  # one greeting, one EHLO, five transactions
+        assert receiver.disconnects == 0  # still cached
+        assert w.agent.counters["connections_reused"] == 4
+        assert w.store.list() == []
+
+    run(mx, tmp_path, body, kind=kind, max_deliveries=1)
+
+
+@over_agents
+def test_without_the_connection_cache_every_message_connects(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    async def body(w: World) -> None:
+        await submit_each(w, *(f"u{i}@implicit.test" for i in range(3)))
+        await w.run_once()
+        receiver = mx.receivers["127.0.0.3"]
+        assert len(receiver.messages) == 3
+        assert receiver.sessions == 3
+        assert w.agent.counters["connections_reused"] == 0
+
+    run(mx, tmp_path, body, kind=kind, max_deliveries=1, connection_cache_time=0)
+
+
+@over_agents
+def test_a_session_is_reused_at_most_the_limit(mx: Net, tmp_path: Path, kind: str) -> None:
+    async def body(w: World) -> None:
+        await submit_each(w, *(f"u{i}@implicit.test" for i in range(5)))
+        await w.run_once()
+        receiver = mx.receivers["127.0.0.3"]
+        assert len(receiver.messages) == 5
+        assert receiver.sessions == 2  # 1 + 2 reuses, then QUIT; 1 + 1 on the second
+        assert w.agent.counters["connections_reused"] == 3
+
+    run(mx, tmp_path, body, kind=kind, max_deliveries=1, connection_reuse_limit=2)
+
+
+@pytest.mark.parametrize("goodbye", [b"", b"421 4.4.2 mx.drop.test idle timeout\r\n"])
+@over_agents
+def test_a_cached_session_the_receiver_closed_is_replaced_by_a_fresh_one(
+    mx: Net, tmp_path: Path, kind: str, goodbye: bytes
+) -> None:
+    async def body(w: World) -> None:
+        first, second = await submit_each(w, "una@drop.test", "vic@drop.test")
+        await w.run_once()
+        assert len(server.received) == 2
+        assert server.connections == 2  # the idle close, then a fresh connection
+        assert first not in w.agent.scheduler and second not in w.agent.scheduler
+        assert w.agent.counters["deferred"] == 0  # the dead session cost no attempt
+        assert w.agent.counters["delivered"] == 2
+        assert w.agent.counters["connections_reused"] == 0
+        assert w.agent.scheduler.destinations() == []  # and no destination back-off
+
+    with dropping_server(mx.port, drop=False, idle_close=goodbye) as server:
+        run(mx, tmp_path, body, kind=kind, max_deliveries=1)
+
+
+@over_agents
+def test_tls_sessions_are_reused_with_tls(
+    mx: Net, tmp_path: Path, server_tls: Any, kind: str
+) -> None:
+    receiver = Receiver()
+    controller = Controller(
+        receiver,
+        ServerConfig(hostname="tls.test", starttls=True),
+        listen=[("127.0.0.9", mx.port)],
+        tls_context=server_tls,
+    )
+    controller.start()
+    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
+    tls_seen: list[bool] = []
+    orig = receiver.on_mail_from
+
+    def on_mail_from(session: Session, event: MailFrom) -> Reply | None:
+        tls_seen.append(session.tls)
+        return orig(session, event)
+
+    receiver.on_mail_from = on_mail_from  # type: ignore[method-assign]
+
+    async def body(w: World) -> None:
+        await submit_each(w, "ned@tls.test", "ola@tls.test", "pia@implicit.test")
+        await w.run_once()
+        assert len(receiver.messages) == 2
+        assert receiver.sessions == 1
+        assert tls_seen == [True, True]  # the second message rode the TLS session
+        assert mx.receivers["127.0.0.3"].sessions == 1  # the plain target: its own
+
+    try:
+        run(mx, tmp_path, body, kind=kind, max_deliveries=1)
+    finally:
+        controller.stop()
+        del mx.dns.zone["tls.test"]
+
+
+@over_agents
+def test_a_clear_text_fallback_session_is_never_reused_for_a_tls_attempt(
+    mx: Net, tmp_path: Path, kind: str
+) -> None:
+    async def body(w: World) -> None:
+        await submit_each(w, "wes@drop.test", "xia@drop.test")
+        await w.run_once()
+        assert len(server.received) == 2
+        # each message tries STARTTLS on a connection of its own first: the cached clear
+        # text session (from the fallback) is only taken for the clear text retry
+        assert server.starttls_seen == 2
+        assert server.connections == 3  # TLS try, fallback; TLS try, (fallback reused)
+        assert w.agent.counters["connections_reused"] == 1
+
+    with dropping_server(mx.port, drop=False, bad_tls=True) as server:
+        run(mx, tmp_path, body, kind=kind, max_deliveries=1)
+
+
+@over_agents
+def test_stop_closes_the_cached_sessions(mx: Net, tmp_path: Path, kind: str) -> None:
+    receiver = mx.receivers["127.0.0.3"]
+
+    async def body(w: World) -> None:
+        w.clock.now = time.time()  # run() sleeps in real time: keep the clocks together
+        await submit(w, "yan@implicit.test")
+        async with w.running():
+            with anyio.fail_after(5):
+                while not receiver.messages:
+                    await anyio.sleep(0.01)
+                while len(w.agent.sessions) == 0:  # parked once the delivery is done
+                    await anyio.sleep(0.01)
+            assert receiver.disconnects == 0
+        assert len(w.agent.sessions) == 0
+        with anyio.fail_after(5):  # the server notices the QUIT and the close
+            while receiver.disconnects == 0:
+                await anyio.sleep(0.01)
+        assert receiver.sessions == 1
+
+    run(mx, tmp_path, body, kind=kind, connection_cache_time=60.0)
+
+
+@over_agents
+def test_run_closes_a_session_idle_past_its_time(mx: Net, tmp_path: Path, kind: str) -> None:
+    receiver = mx.receivers["127.0.0.3"]
+
+    async def body(w: World) -> None:
+        w.clock.now = time.time()
+        await submit(w, "zoe@implicit.test")
+        async with w.running():
+            with anyio.fail_after(5):  # the reaper closes it after 0.05 s, not at stop()
+                while receiver.disconnects == 0:
+                    await anyio.sleep(0.01)
+            assert len(w.agent.sessions) == 0
+        assert receiver.sessions == 1 and len(receiver.messages) == 1
+
+    run(mx, tmp_path, body, kind=kind, connection_cache_time=0.05)
+
+
 # --- the I/O-free session against scripted replies ----------------------------------------------
 
 
@@ -1176,6 +1385,7 @@ def _session(route_targets: int = 1, **kw: Any) -> DeliverySession:
         starttls=None,
         timeout=30.0,
         now=0.0,
+        **kw,
     )
 
 
@@ -1225,6 +1435,85 @@ def test_session_relays_ret_and_envid_to_a_dsn_server() -> None:
         ],
     )
     assert b"MAIL FROM:<alice@sender.test> RET=HDRS ENVID=E1\r\n" in sent
+
+
+ONE_MESSAGE = [
+    b"220 mx ESMTP\r\n",
+    b"250-mx\r\n250 PIPELINING\r\n",
+    b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n",
+    b"250 queued\r\n",
+]
+
+
+def _parked() -> DeliverySession:
+    job = _session(keep_open=True)
+    sent = _converse(job, [*ONE_MESSAGE, b"250 reset\r\n"])
+    assert job.done and job.parked
+    assert sent.endswith(b".\r\nRSET\r\n") and b"QUIT" not in sent
+    return job
+
+
+def test_a_kept_session_ends_with_rset_and_is_parked_open() -> None:
+    job = _parked()
+    assert job.error is None
+    job.feed_walk()
+    assert {r.status.value for r in job.walk.results().values()} == {"delivered"}
+
+
+def test_a_kept_session_whose_rset_is_refused_quits() -> None:
+    job = _session(keep_open=True)
+    sent = _converse(job, [*ONE_MESSAGE, b"500 what\r\n", b"221 bye\r\n"])
+    assert sent.endswith(b"RSET\r\nQUIT\r\n")
+    assert job.done and not job.parked
+
+
+def test_a_session_the_server_is_closing_is_not_parked() -> None:
+    job = _session(keep_open=True)
+    sent = _converse(job, [*ONE_MESSAGE[:2], b"421 4.3.2 shutting down\r\n"])
+    assert b"RSET" not in sent
+    assert job.done and not job.parked
+
+
+def test_a_reused_session_starts_with_mail_on_the_cached_connection() -> None:
+    first = _parked()
+    job = _session(reuse=first.setup, keep_open=True)
+    assert job.reused
+    out = job.data_to_send()
+    assert out.startswith(b"MAIL FROM:<alice@sender.test>")  # no greeting, no EHLO
+    job.receive_data(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", now=1.0)
+    while job.data_to_send():
+        pass
+    job.receive_data(b"250 queued\r\n", now=1.0)
+    assert job.data_to_send() == b"RSET\r\n"
+    job.receive_data(b"250 ok\r\n", now=1.0)
+    assert job.parked and not job.stale
+
+
+@pytest.mark.parametrize("death", [b"", b"421 4.4.2 idle timeout\r\n"], ids=["closed", "421"])
+def test_a_reused_session_that_died_idle_is_stale_not_a_failure(death: bytes) -> None:
+    job = _session(reuse=_parked().setup, keep_open=True)
+    job.data_to_send()
+    if death:
+        job.receive_data(death, now=1.0)
+    else:
+        job.receive_eof()
+    assert job.done and job.stale and not job.parked
+
+
+def test_a_real_refusal_on_a_reused_session_is_not_stale() -> None:
+    job = _session(reuse=_parked().setup)
+    job.data_to_send()
+    job.receive_data(b"550 5.7.1 sender refused\r\n250 ok\r\n250 ok\r\n", now=1.0)
+    while not job.done and job.data_to_send():
+        pass
+    assert not job.stale
+
+
+def test_a_fresh_session_is_never_stale() -> None:
+    job = _session(keep_open=True)
+    job.data_to_send()
+    job.receive_eof()
+    assert job.done and not job.stale
 
 
 def test_session_refuses_smtputf8_mail_to_a_server_without_it() -> None:
