@@ -41,6 +41,13 @@
 # certificate verification (an MX host name comes from unauthenticated DNS, so verifying it
 # proves nothing without DANE or MTA-STS; encryption still defeats passive eavesdropping).
 #
+# Connection reuse: with ``keep_open`` a clean transaction ends with RSET rather than QUIT,
+# and a 250 leaves the session ``parked`` for the agent's connection cache
+# (adapters/_agent.py); a session built with ``reuse=`` (a parked session's SessionSetup)
+# sends MAIL at once.  If it dies before MAIL is answered (EOF, reset, 421: the server closed
+# it while idle) it is ``stale``: nothing was offered, so the agent connects afresh and the
+# walk never hears of it.  Once MAIL is answered the session is a normal one.
+#
 # The classic duplicate (RFC 1047, RFC 5321 6.1): when the connection breaks after the final
 # dot and before the reply, the message may or may not have been taken; the agent cannot know
 # and must not lose it, so the recipients stay queued (ConnectionLost) and are tried again.

@@ -254,6 +254,8 @@ class BlockingDeliveryAgent(AgentCore):
         target = op.target
         with self._cond:
             if self._stopping:
+                if op.channel is not None:
+                    self._close_channels([op.channel])
                 return "the delivery agent is stopping"
         if op.channel is not None:
             sock = op.channel.stream

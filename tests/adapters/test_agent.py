@@ -9,6 +9,8 @@ from collections.abc import Generator
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailwire.adapters._agent import (
     AgentCore,
@@ -199,3 +201,44 @@ def test_a_channel_says_quit_once_and_then_nothing() -> None:
     channel = _channel(PLAIN)
     assert channel.goodbye() == b"QUIT\r\n"
     assert channel.goodbye() == b""  # the engine refuses a second QUIT: nothing to write
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "take", "expire"]),
+        st.sampled_from([PLAIN, OPPORTUNISTIC, LMTP]),
+        st.floats(min_value=0.0, max_value=1.0),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_ops, size=st.integers(min_value=1, max_value=4))
+def test_every_parked_session_is_handed_out_or_closed_exactly_once(
+    ops: list[tuple[str, CacheKey, float]], size: int
+) -> None:
+    """No socket leaks and none is used twice: each parked session ends up exactly once
+    taken (for its own key, before its idle time), evicted, expired or drained."""
+    cache = SessionCache(size=size, idle=1.0)
+    now = 0.0
+    parked: list[Channel] = []
+    out: list[Channel] = []
+    for op, key, step in ops:
+        now += step
+        if op == "put":
+            channel = _channel(key)
+            parked.append(channel)
+            out += cache.put(channel, now)
+        elif op == "take":
+            got = cache.take(key, now)
+            if got is not None:
+                assert got.key == key and got.idle_until > now
+                out.append(got)
+        else:
+            expired = cache.expire(now)
+            assert all(c.idle_until <= now for c in expired)
+            out += expired
+        assert len(cache) <= size
+    out += cache.drain()
+    assert sorted(map(id, out)) == sorted(map(id, parked))
