@@ -107,6 +107,7 @@ from mailwire.protocol._routing import (
     group_recipients,
 )
 from mailwire.protocol._routing import RecipientStatus as WalkStatus
+from mailwire.protocol._state import SessionState
 from mailwire.protocol._transaction import SessionSetup
 
 log = logging.getLogger("mailwire.adapters.delivery")
@@ -770,8 +771,12 @@ class AgentCore:
         """One session with ``target``: on a cached connection when there is one (a dead
         one is replaced by a fresh connection, uncounted), parked afterwards when it can be.
         Returns the finished session, or why no connection could be made."""
-        with self._lock:
-            channel = self.sessions.take(key, self.monotonic())
+        while True:
+            with self._lock:
+                channel = self.sessions.take(key, self.monotonic())
+            if channel is None or channel.setup.conn.state is SessionState.READY:
+                break
+            yield Close((channel,))  # the server said goodbye while it was parked
         while True:
             reuses = 0 if channel is None else channel.reuses + 1
             keep = (

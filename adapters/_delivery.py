@@ -295,8 +295,8 @@ class DeliverySession(ClientSession):
         without counting an attempt, and does not feed the walk."""
         if not self.reused or self.refusal is not None:
             return False
-        if self.transaction is None:
-            return False
+        if self.transaction is None:  # the cached engine could not start one (closed)
+            return True
         mail = self.transaction.result.mail
         return mail is None or mail.code == 421
 

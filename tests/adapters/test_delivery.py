@@ -1500,6 +1500,16 @@ def test_a_reused_session_that_died_idle_is_stale_not_a_failure(death: bytes) ->
     assert job.done and job.stale and not job.parked
 
 
+def test_a_421_that_came_with_the_parking_rset_reply_makes_the_reuse_stale() -> None:
+    first = _session(keep_open=True)
+    _converse(first, [*ONE_MESSAGE, b"250 reset\r\n421 4.4.2 idle timeout\r\n"])
+    assert first.parked  # the 421 is still unread in the engine
+    job = _session(reuse=first.setup)
+    job.data_to_send()
+    job.receive_eof()
+    assert job.done and job.stale
+
+
 def test_a_real_refusal_on_a_reused_session_is_not_stale() -> None:
     job = _session(reuse=_parked().setup)
     job.data_to_send()
