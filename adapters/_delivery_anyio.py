@@ -150,7 +150,8 @@ class DeliveryAgent(AgentCore):
 
     def stop(self) -> None:
         """Make run() return, cutting the deliveries in flight (their recipients stay
-        queued) and closing the cached sessions; call on the agent's event loop."""
+        queued); run() closes the cached sessions as it returns (without run(), use
+        close_cached()).  Call on the agent's event loop."""
         self._stopping = True
         self.wake()
 
