@@ -228,18 +228,12 @@ def test_submission_over_starttls_with_aiosmtplib(
     cert_file: str,
     client_tls: ssl.SSLContext,
     runtime: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if runtime == "asyncio":
-        # adapters/asyncio.py: a command that arrives in the same read as the client's TLS
-        # Finished reaches data_received() before _starttls() calls tls_established(), so
-        # the engine (still in STARTTLS state) discards it as pre-TLS plaintext and the
-        # client waits for a reply forever.  aiosmtplib sends EHLO that fast; smtplib not.
-        # Runs (XPASS once fixed); a short client timeout bounds the hang.
-        reason = "asyncio adapter drops data received during the STARTTLS handshake"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+    # aiosmtplib sends EHLO right behind its TLS Finished, often in the same read: the
+    # adapter must keep those bytes for after the handshake (asyncio once discarded them
+    # as pre-TLS plaintext, and the client waited forever).
     server = start(tls_cert=cert_file, tls_key=cert_file, submission_listen=["127.0.0.1:0"])
-    timeout = 2.0 if runtime == "asyncio" else CLIENT_TIMEOUT
+    timeout = CLIENT_TIMEOUT
     _aiosmtplib_submits(server.addresses[1], client_tls, start_tls=True, timeout=timeout)
 
 
