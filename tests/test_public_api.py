@@ -38,6 +38,7 @@ PUBLIC = [
     "EndOfMessage",
     "Envelope",
     "Expn",
+    "Handoff",
     "Helo",
     "Help",
     "Lhlo",
