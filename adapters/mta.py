@@ -161,6 +161,10 @@ class DeliverySettings:
             HTTP there (GET /metrics); "" : not at all.
         journal: the directory of the recipient journal (final results kept across restarts;
             "" : ``<spool>/journal``).
+        connection_cache_time: seconds an outbound SMTP session stays open after a message,
+            for the next message to the same host (0: no connection reuse).
+        connection_cache_size, connection_reuse_limit: at most this many idle sessions kept,
+            each reused at most this many times.
     """
 
     delivery_port: int = 25
@@ -180,6 +184,9 @@ class DeliverySettings:
     journal: str = ""
     control_socket: str = ""
     metrics_listen: str = ""
+    connection_cache_time: float = 2.0
+    connection_cache_size: int = 32
+    connection_reuse_limit: int = 100
 
 
 def _nameserver(text: str) -> tuple[str, int]:
@@ -345,6 +352,9 @@ class MTA:
             connect_timeout=d.connect_timeout,
             reply_timeout=d.reply_timeout,
             lmtp=NextHop.parse(d.lmtp) if d.lmtp else None,
+            connection_cache_time=d.connection_cache_time,
+            connection_cache_size=d.connection_cache_size,
+            connection_reuse_limit=d.connection_reuse_limit,
         )
 
     def start(self) -> None:
@@ -431,6 +441,11 @@ class MTA:
             ("recipients_deferred", counters.get("deferred", 0), "Delivery attempts deferred"),
             ("recipients_bounced", counters.get("bounced", 0), "Recipients failed (bounced)"),
             ("notifications_sent", counters.get("dsn_sent", 0), "DSNs queued to senders"),
+            (
+                "connections_reused",
+                counters.get("connections_reused", 0),
+                "Outbound SMTP sessions reused from the connection cache",
+            ),
         ):
             lines += [
                 f"# TYPE mailwire_{name} counter",

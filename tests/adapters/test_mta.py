@@ -393,13 +393,16 @@ def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path, runti
     remote = net.receiver("127.0.0.3")
     d = delivery(net, tmp_path)
     d.metrics_listen = "127.0.0.1:0"
+    d.connection_cache_time = 60.0  # long enough for the second message on a slow machine
     mta = MTA(settings(tmp_path, runtime), d, fsync=False)
     mta.start()
     try:
         host, port = mta.addresses[0]
         with smtplib.SMTP(host, port, timeout=10) as client:
             client.sendmail("a@sender.test", ["bob@remote.test"], MESSAGE)
-        assert eventually(lambda: len(remote.messages) == 1)
+            assert eventually(lambda: len(remote.messages) == 1)
+            client.sendmail("a@sender.test", ["bob@remote.test"], MESSAGE)
+        assert eventually(lambda: len(remote.messages) == 2)
         assert eventually(lambda: "mailwire_queue_messages 0\n" in mta.metrics_text())
         address = mta.metrics_address
         assert address is not None
@@ -407,8 +410,10 @@ def test_counters_are_served_in_openmetrics_text(net: Net, tmp_path: Path, runti
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.headers["Content-Type"].startswith("application/openmetrics-text")
             text = response.read().decode()
-        assert "mailwire_messages_accepted_total 1\n" in text
-        assert "mailwire_recipients_delivered_total 1\n" in text
+        assert "mailwire_messages_accepted_total 2\n" in text
+        assert "mailwire_recipients_delivered_total 2\n" in text
+        # the second message went over the first one's cached session
+        assert "mailwire_connections_reused_total 1\n" in text
         assert "mailwire_recipients_bounced_total 0\n" in text
         assert text.endswith("# EOF\n")
     finally:
