@@ -12,6 +12,9 @@
 #
 # Layout (one directory per store):
 #     <dir>/lock                flock()ed for the store's lifetime: one process per spool.
+#     <dir>/seed                the spool's secret CRC seed (see Records): 16 random bytes as
+#                               32 lowercase hex digits and a newline, mode 0600; written once,
+#                               when the spool is created, before any segment.
 #     <dir>/segments/<N>.seg    the log: N is 16 hex digits, increasing; the highest is the
 #                               active segment (appended to), the others are sealed.
 #     <dir>/tmp/                anonymous (O_TMPFILE) spill files of large messages being
@@ -25,10 +28,29 @@
 #     magic "MWL1" | kind (1 message, 2 tombstone) | 3 zero bytes | envelope length (u32) |
 #     queue ID (20 ASCII) | content length (u64) | CRC-32 (u32)           (little-endian)
 # The CRC covers the content, then the envelope, then the header's first 40 bytes (that
-# order lets the writer checksum the content as it arrives).  A tombstone is a header alone
-# (both lengths 0) naming the queue ID it deletes.  A queue ID is live when some segment holds
-# a valid message record for it and no segment holds a tombstone for it: recovery does not
-# depend on the order of records or segments (queue IDs are never reused).
+# order lets the writer checksum the content as it arrives), and starts not from 0 but from
+# crc32(seed) (``LogStore.seed``): the CRC-32 of seed || content || envelope || header prefix.
+# Why a seed: recovery after damage looks for the next record by its magic and CRC (see
+# Recovery), and anyone who can send us mail chooses a message's content -- with an unkeyed
+# CRC they could frame a perfect record inside it (any envelope: a relay to arbitrary
+# recipients, say) that damage before it would bring back as a message of its own.  The seed
+# is drawn from os.urandom() when the spool is created; a record framed without it fails the
+# CRC.  It is not a MAC: CRC-32 is linear, so anyone who saw one stored record and its CRC
+# could forge others of the same length.  But an attacker who only sends mail never sees a
+# CRC the store computes (not in replies, bounces or logs), so each record embedded in a
+# message is a blind 2^-32 guess -- a message stuffed with k candidate records gets k guesses,
+# and only if damage lands before them in a sealed segment.  It protects nothing against
+# whoever can read the spool directory (the seed is there in the clear), nor against damage
+# itself.  Compaction copies records unchanged, which stays valid within one spool; records
+# cannot be moved to another spool byte for byte.  A spool with segments and no seed file
+# (made before seeds existed) is read and written with seed 0 (a warning at start-up: the
+# attack above works on it; drain it and start a new spool); a seed file that is unreadable
+# or malformed makes LogStore refuse to open the spool rather than guess.
+#
+# A tombstone is a header alone (both lengths 0) naming the queue ID it deletes.  A queue ID
+# is live when some segment holds a valid message record for it and no segment holds a
+# tombstone for it: recovery does not depend on the order of records or segments (queue IDs
+# are never reused).
 #
 # Segments are preallocated with posix_fallocate() (``segment_size``, 32 MiB by default; a
 # bigger record gets a segment of its own size), so an append does not change the file size
@@ -80,8 +102,9 @@
 # tear (the rest of that batch reached the disk before its beginning did -- or damage), the
 # bytes from the tear on are first copied to corrupt/ for a human; they are not yielded.  In
 # any other segment bad bytes are damage: they are copied to corrupt/, logged, and the scan
-# resumes at the next valid record (found by its magic and CRC; a record embedded in a
-# message's content could be taken for one, only there, after damage).  A valid record whose
+# resumes at the next valid record (found by its magic and its CRC started from the seed: a
+# record someone framed inside a message's content is taken for one only with a 2^-32 guess
+# per embedded record -- or certainly, in a pre-seed spool; see Records).  A valid record whose
 # envelope does not parse is quarantined the same way.  Nothing is yielded that did not pass
 # the CRC.  Recovery reads every segment whole: start-up time grows with the queue's size.
 #
@@ -126,22 +149,38 @@ HEADER_SIZE = _HEADER.size  # 44
 _CRC_AT = HEADER_SIZE - 4
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.seg$")
 _COPY_CHUNK = 1 << 20
+SEED_NAME = "seed"
+_SEED_FORMAT = re.compile(rb"[0-9a-f]{32}\n?")
 
 
-def encode_record(kind: int, queue_id: str, envelope_json: bytes, content: bytes) -> bytes:
-    """One framed record (header, envelope JSON, content), for tests and tools."""
+def encode_record(
+    kind: int, queue_id: str, envelope_json: bytes, content: bytes, *, seed: int = 0
+) -> bytes:
+    """One framed record (header, envelope JSON, content), for tests and tools.
+
+    Args:
+        kind: MESSAGE or TOMBSTONE.
+        queue_id: the message it stores or deletes.
+        envelope_json: the envelope (empty for a tombstone).
+        content: the message content (empty for a tombstone).
+        seed: the CRC's start value: a store's ``LogStore.seed`` (0: a pre-seed spool).
+
+    Returns:
+        The record's bytes.
+    """
     head = _HEADER.pack(MAGIC, kind, len(envelope_json), queue_id.encode(), len(content), 0)
-    crc = zlib.crc32(head[:_CRC_AT], zlib.crc32(envelope_json, zlib.crc32(content)))
+    crc = zlib.crc32(head[:_CRC_AT], zlib.crc32(envelope_json, zlib.crc32(content, seed)))
     return head[:_CRC_AT] + struct.pack("<I", crc) + envelope_json + content
 
 
 def _header(kind: int, queue_id: str, env: bytes, content_len: int, content_crc: int) -> bytes:
+    """A record's header; ``content_crc`` is the CRC of the content started from the seed."""
     head = _HEADER.pack(MAGIC, kind, len(env), queue_id.encode(), content_len, 0)[:_CRC_AT]
     return head + struct.pack("<I", zlib.crc32(head, zlib.crc32(env, content_crc)))
 
 
-def _tombstone(queue_id: str) -> bytes:
-    return _header(TOMBSTONE, queue_id, b"", 0, 0)
+def _tombstone(queue_id: str, seed: int) -> bytes:
+    return _header(TOMBSTONE, queue_id, b"", 0, seed)  # crc32(b"", seed) == seed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,9 +202,18 @@ class Record:
     length: int
 
 
-def decode_record(data: bytes | memoryview, offset: int = 0) -> Record | None:
-    """The valid record at ``offset`` of ``data``, or None (no magic, bad kind, lengths past
-    the end, bad CRC, or a queue ID that is not one)."""
+def decode_record(data: bytes | memoryview, offset: int = 0, *, seed: int = 0) -> Record | None:
+    """The valid record at ``offset`` of ``data``.
+
+    Args:
+        data: segment bytes.
+        offset: where the record starts.
+        seed: the CRC's start value: the store's ``LogStore.seed`` (0: a pre-seed spool).
+
+    Returns:
+        The record, or None (no magic, bad kind, lengths past the end, bad CRC -- which
+        includes a CRC computed from another seed -- or a queue ID that is not one).
+    """
     if len(data) - offset < HEADER_SIZE:
         return None
     magic, kind, env_len, raw_id, content_len, crc = _HEADER.unpack_from(data, offset)
@@ -178,7 +226,7 @@ def decode_record(data: bytes | memoryview, offset: int = 0) -> Record | None:
     env = bytes(data[env_at : env_at + env_len])
     content = bytes(data[env_at + env_len : offset + length])
     head = bytes(data[offset : offset + _CRC_AT])
-    if zlib.crc32(head, zlib.crc32(env, zlib.crc32(content))) != crc:
+    if zlib.crc32(head, zlib.crc32(env, zlib.crc32(content, seed))) != crc:
         return None
     try:
         queue_id = raw_id.decode("ascii")
@@ -214,7 +262,7 @@ class _LogWriter(WriterBase):
         self.store = store
         self.chunks: list[bytes] = []
         self.size = 0
-        self.crc = 0
+        self.crc = store.seed  # DirectoryStore's writer (same WriterBase) starts at 0
         self.spill_fd = -1
         self.done = False
 
@@ -307,11 +355,50 @@ class LogStore(GroupCommitter):
         self.compactions = 0
         self.unlinked = 0
         try:
+            self._seed = self._load_seed()
             self._recovered = self._scan()
         except BaseException:
             self._close_fds()
             raise
         self._start_committer(max_batch, "mailwire-log-committer")
+
+    @property
+    def seed(self) -> int:
+        """The start value of every record's CRC in this spool: crc32() of the bytes in
+        ``<dir>/seed``, or 0 for a spool made before seed files existed (read-only)."""
+        return self._seed
+
+    def _load_seed(self) -> int:
+        """Read ``<dir>/seed``; write a new one if the spool has no segment yet.
+
+        Raises:
+            SpoolError: the seed file is unreadable or malformed.
+        """
+        path = os.path.join(self.directory, SEED_NAME)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(64)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SpoolError(f"spool {self.directory}: seed file unreadable: {exc}") from exc
+        else:
+            if _SEED_FORMAT.fullmatch(raw) is None:
+                raise SpoolError(
+                    f"spool {self.directory}: seed file {path} is malformed (want 32 hex "
+                    "digits): refusing to guess, its records could not be verified"
+                )
+            return zlib.crc32(bytes.fromhex(raw[:32].decode("ascii")))
+        if any(_SEGMENT_NAME.match(name) for name in os.listdir(self.segments_dir)):
+            log.warning(
+                "spool %s has segments but no seed file (made before seed files): records "
+                "are checksummed from 0, so after damage in a sealed segment a record framed "
+                "inside a message's content could be taken for a real one; drain this spool "
+                "and start a new one to get a seed",
+                self.directory,
+            )
+            return 0
+        return _write_seed(self.directory, fsync=self.fsync)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -362,7 +449,9 @@ class LogStore(GroupCommitter):
         for r in batch:
             if r.writer is None:
                 pending.append(
-                    _Pending(r, TOMBSTONE, r.queue_id, [_tombstone(r.queue_id)], HEADER_SIZE)
+                    _Pending(
+                        r, TOMBSTONE, r.queue_id, [_tombstone(r.queue_id, self._seed)], HEADER_SIZE
+                    )
                 )
                 continue
             w: _LogWriter = r.writer
@@ -575,7 +664,7 @@ class LogStore(GroupCommitter):
                 data = os.pread(seg.fd, length, offset)
                 copies.append(_Pending(None, MESSAGE, queue_id, [data], length))
         for t in self._needed_tombs(seg):
-            copies.append(_Pending(None, TOMBSTONE, t, [_tombstone(t)], HEADER_SIZE))
+            copies.append(_Pending(None, TOMBSTONE, t, [_tombstone(t, self._seed)], HEADER_SIZE))
         if copies:
             self._append(copies)
             with self._lock:  # every copy must be durable before the original goes
@@ -615,7 +704,7 @@ class LogStore(GroupCommitter):
                 data = os.pread(self._segments[seq].fd, length, offset)
             except OSError as exc:
                 raise SpoolError(f"{queue_id}: unreadable ({exc.strerror})") from exc
-        record = decode_record(data)
+        record = decode_record(data, seed=self._seed)
         if record is None or record.queue_id != queue_id or record.kind != MESSAGE:
             raise SpoolError(f"{queue_id}: damaged record in segment {seq:016x}")
         try:
@@ -689,10 +778,10 @@ class LogStore(GroupCommitter):
         end = len(data.rstrip(b"\0"))
         pos = 0
         while pos < end:
-            record = decode_record(data, pos)
+            record = decode_record(data, pos, seed=self._seed)
             if record is None:
                 bad = pos
-                pos = _resync(data, pos + 1, end)
+                pos = _resync(data, pos + 1, end, self._seed)
                 if last and pos >= end:  # the torn tail of the last group commit
                     self._truncate(seg, bad)
                     return
@@ -777,14 +866,42 @@ class LogStore(GroupCommitter):
         os.close(self._lock_fd)
 
 
-def _resync(data: bytes, start: int, end: int) -> int:
-    """The offset of the next valid record at or after ``start``, or ``end``."""
+def _resync(data: bytes, start: int, end: int, seed: int) -> int:
+    """The offset of the next valid record (framed with ``seed``) at or after ``start``, or
+    ``end``."""
     pos = data.find(MAGIC, start, end)
     while pos >= 0:
-        if decode_record(data, pos) is not None:
+        if decode_record(data, pos, seed=seed) is not None:
             return pos
         pos = data.find(MAGIC, pos + 1, end)
     return end
+
+
+def _write_seed(directory: str, *, fsync: bool) -> int:
+    """Create ``<directory>/seed`` (16 random bytes as 32 hex digits and a newline, mode
+    0600): written to a temporary name, flushed, renamed, the directory flushed -- before
+    any segment exists.
+
+    Returns:
+        The CRC start value it defines.
+    """
+    while True:
+        raw = os.urandom(16)
+        start = zlib.crc32(raw)
+        if start:  # 0 would be the pre-seed framing (a 2^-32 chance)
+            break
+    tmp = os.path.join(directory, SEED_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        _write_all(fd, raw.hex().encode("ascii") + b"\n")
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(directory, SEED_NAME))
+    if fsync:
+        _fsync_dir(directory)
+    return start
 
 
 def _datasync(fd: int) -> None:

@@ -1,13 +1,18 @@
-"""LogStore, the segment-log spool backend: record framing, torn tails and damage at any
-offset, compaction and segment reclamation, random put/delete/restart sequences against a
+"""LogStore, the segment-log spool backend: record framing, the spool's CRC seed (records
+framed inside a message's content are not resurrected by recovery), torn tails and damage at
+any offset, compaction and segment reclamation, random put/delete/restart sequences against a
 model, durability order of a new segment, write failures.  The MessageStore contract and the
 SIGKILL tests run over both backends in test_spool.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Iterator
+import re
+import stat
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,24 +59,33 @@ def segments(directory: Path) -> list[Path]:
     return sorted((directory / "segments").iterdir())
 
 
+def spool_seed(directory: Path) -> int:
+    """The CRC start value of a spool, from its seed file as documented (0: no seed file)."""
+    path = directory / "seed"
+    return zlib.crc32(bytes.fromhex(path.read_text())) if path.exists() else 0
+
+
 def layout(path: Path) -> list[tuple[int, str, int, int]]:
     """(kind, queue ID, start, end) of each record of a segment file, in order."""
     data = path.read_bytes()
+    seed = spool_seed(path.parent.parent)
     out, pos = [], 0
-    while (record := decode_record(data, pos)) is not None:
+    while (record := decode_record(data, pos, seed=seed)) is not None:
         out.append((record.kind, record.queue_id, pos, pos + record.length))
         pos += record.length
     return out
 
 
-def one_message_then(directory: Path, data: bytes) -> str:
-    """A log holding one message, then ``data`` written right after its record."""
+def one_message_then(directory: Path, data: bytes | Callable[[int], bytes]) -> str:
+    """A log holding one message, then ``data`` written right after its record (``data``
+    may be a function of the store's seed, for a well-framed record)."""
     with LogStore(directory, fsync=False, segment_size=SMALL) as s:
         kept = s.put(envelope(1), [b"kept"])
+        seed = s.seed
     (segment,) = segments(directory)
     with open(segment, "r+b") as f:
         f.seek(layout(segment)[-1][3])
-        f.write(data)
+        f.write(data if isinstance(data, bytes) else data(seed))
     return kept
 
 
@@ -115,6 +129,215 @@ def test_tombstone_is_a_bare_header() -> None:
     assert len(raw) == HEADER_SIZE
     record = decode_record(raw)
     assert record is not None and record.kind == TOMBSTONE
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seeds=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=2, unique=True),
+    body=st.binary(max_size=200),
+    kind=st.sampled_from([MESSAGE, TOMBSTONE]),
+)
+def test_a_record_framed_with_another_seed_is_invalid(
+    seeds: list[int], body: bytes, kind: int
+) -> None:
+    mine, theirs = seeds
+    env, body = (b'{"x":1}', body) if kind == MESSAGE else (b"", b"")
+    raw = encode_record(kind, IDS.new(), env, body, seed=mine)
+    assert decode_record(raw, seed=mine) is not None
+    assert decode_record(raw, seed=theirs) is None
+
+
+# --- the spool's seed -----------------------------------------------------------------------------
+
+SEED_FILE = re.compile(r"[0-9a-f]{32}\n")
+
+
+def test_new_spool_gets_a_random_seed_file_that_is_stable_across_reopening(
+    tmp_path: Path,
+) -> None:
+    with LogStore(tmp_path / "a", fsync=False, segment_size=SMALL) as s:
+        s.recover()
+        assert segments(tmp_path / "a") == []  # the seed comes before any segment
+        text = (tmp_path / "a" / "seed").read_text()
+        assert SEED_FILE.fullmatch(text)
+        assert stat.S_IMODE(os.stat(tmp_path / "a" / "seed").st_mode) == 0o600
+        assert s.seed == zlib.crc32(bytes.fromhex(text)) != 0
+        first_seed = s.seed
+        queue_id = s.put(envelope(1), [b"one"])
+    assert sorted(os.listdir(tmp_path / "a")) == ["corrupt", "lock", "seed", "segments", "tmp"]
+    with LogStore(tmp_path / "a", fsync=False, segment_size=SMALL) as s:
+        assert s.recover() == [queue_id]
+        assert s.seed == first_seed
+        assert (tmp_path / "a" / "seed").read_text() == text
+    with LogStore(tmp_path / "b", fsync=False, segment_size=SMALL) as other:
+        assert other.seed != first_seed  # os.urandom: a 2^-32 chance of a collision
+
+
+def test_seed_file_is_flushed_renamed_and_named_durably_before_the_first_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_sync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append("file")
+        real_sync(fd)
+
+    def rename(src: str, dst: str) -> None:
+        events.append(f"rename {Path(src).name} {Path(dst).name}")
+        real_rename(src, dst)
+
+    def fsync_dir(path: str) -> None:
+        events.append(f"dir {Path(path).name}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(_segstore, "_fsync_dir", fsync_dir)
+    with LogStore(tmp_path / "spool", segment_size=SMALL) as s:
+        assert events[-3:] == ["file", "rename seed.tmp seed", "dir spool"]
+        events.clear()
+        s.put(envelope(1), [b"x"])
+        assert events[:2] == ["file", "dir segments"]  # the first segment comes after
+    events.clear()
+    with LogStore(tmp_path / "spool", segment_size=SMALL):
+        assert not any(e.startswith("rename") for e in events)  # written once
+
+
+def forged_record(seed: int) -> bytes:
+    """A perfectly framed message record a sender might embed in a body: a relay to
+    arbitrary recipients."""
+    relay = SpoolEnvelope(
+        sender=MailFrom(address="attacker@evil.example"),
+        recipients=tuple(RcptTo(address=f"victim{n}@example.com") for n in range(3)),
+        peer=("203.0.113.9", 25),
+        arrival=1_800_000_000.0,
+    )
+    return encode_record(
+        MESSAGE, IDS.new(), relay.to_json(), b"Subject: spam\r\n\r\nbuy", seed=seed
+    )
+
+
+def damaged_first_record_carrying(
+    directory: Path, embedded: Callable[[int], bytes]
+) -> tuple[list[str], int]:
+    """A spool whose first (sealed) segment starts with a message embedding
+    ``embedded(store seed)`` in its content, followed by real messages; the carrier's
+    header is then damaged.  Returns the IDs of the real messages (the carrier first) and
+    where the first real record after the carrier starts."""
+    with LogStore(directory, fsync=False, segment_size=4096) as s:
+        body = b"Subject: innocent\r\n\r\n" + embedded(s.seed) + b"\r\nbye\r\n"
+        ids = [s.put(envelope(0), [body])]
+        ids += [s.put(envelope(n), [content(n, 30)]) for n in range(1, 12)]
+    first = segments(directory)[0]
+    assert len(segments(directory)) >= 2  # the first segment is sealed
+    records = layout(first)
+    assert records[0][1] == ids[0] and len(records) >= 2  # real records follow the carrier
+    with open(first, "r+b") as f:  # damage before the embedded record
+        f.seek(HEADER_SIZE + 3)
+        f.write(b"\xff\xfe")
+    return ids, records[1][2]
+
+
+@pytest.mark.parametrize("framing", ["seed 0", "another spool's seed"])
+def test_record_embedded_in_a_message_is_not_resurrected_by_recovery_after_damage(
+    tmp_path: Path, framing: str
+) -> None:
+    forged: list[bytes] = []
+
+    def embed(seed: int) -> bytes:
+        other = 0 if framing == "seed 0" else (seed ^ 0x5A5A5A5A)
+        forged.append(forged_record(other))
+        return forged[-1]
+
+    ids, next_real = damaged_first_record_carrying(tmp_path, embed)
+    (forgery,) = forged
+    forged_id = forgery[12:32].decode()
+    first = segments(tmp_path)[0]
+    with LogStore(tmp_path, fsync=False, segment_size=4096) as s:
+        recovered = s.recover()
+        assert forged_id not in recovered
+        assert recovered == sorted(ids[1:])  # the real records after the damage still come back
+        assert s.quarantined == 1
+        # the whole carrier, forged record included, is kept for a human
+        quarantined = (tmp_path / "corrupt" / f"{first.name}@0").read_bytes()
+        assert len(quarantined) == next_real and forgery in quarantined
+
+
+def test_a_record_framed_with_the_spools_own_seed_would_be_resurrected(tmp_path: Path) -> None:
+    # the control for the test above: what the secret seed denies an attacker
+    forged: list[bytes] = []
+
+    def embed(seed: int) -> bytes:
+        forged.append(forged_record(seed))
+        return forged[-1]
+
+    ids, _ = damaged_first_record_carrying(tmp_path, embed)
+    forged_id = forged[0][12:32].decode()
+    with LogStore(tmp_path, fsync=False, segment_size=4096) as s:
+        assert s.recover() == sorted([*ids[1:], forged_id])
+
+
+def test_spool_made_before_seed_files_opens_with_seed_zero_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL):
+        pass  # the directories (and a seed file: removed, as if made before seeds existed)
+    (tmp_path / "seed").unlink()
+    old, deleted, after = IDS.new(), IDS.new(), IDS.new()
+    env = dataclasses.replace(envelope(1), size=3).to_json()
+    sealed = (
+        encode_record(MESSAGE, old, env, b"old")
+        + b"damage" * 5
+        + encode_record(MESSAGE, after, env, b"aft")
+    )
+    active = encode_record(MESSAGE, deleted, env, b"del") + encode_record(
+        TOMBSTONE, deleted, b"", b""
+    )
+    (tmp_path / "segments" / f"{1:016x}.seg").write_bytes(sealed + bytes(100))
+    (tmp_path / "segments" / f"{2:016x}.seg").write_bytes(active + bytes(100))
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mailwire.adapters.spool"):
+            with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+                assert s.seed == 0
+                recovered = s.recover()
+                assert old in recovered and after in recovered  # resync after the damage
+                assert deleted not in recovered
+                assert s.get(old).content == b"old"
+                new = s.put(envelope(2), [b"new"])
+        assert sum("no seed file" in r.getMessage() for r in caplog.records) == 1
+        assert not (tmp_path / "seed").exists()  # never invented for old records
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+        assert new in s.recover() and s.get(new).content == b"new"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"", b"not hex at all\n", b"0" * 31 + b"\n", b"0" * 33 + b"\n", b"AB" * 16 + b"\n"],
+    ids=["empty", "garbage", "short", "long", "upper-case"],
+)
+def test_malformed_seed_file_refuses_to_open(tmp_path: Path, text: bytes) -> None:
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
+        kept = s.put(envelope(1), [b"kept"])
+    good = (tmp_path / "seed").read_bytes()
+    (tmp_path / "seed").write_bytes(text)
+    with pytest.raises(SpoolError, match="seed"):
+        LogStore(tmp_path, fsync=False, segment_size=SMALL)
+    assert (tmp_path / "seed").read_bytes() == text  # not rewritten
+    (tmp_path / "seed").write_bytes(good)
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:  # the lock was released
+        assert s.recover() == [kept]
+
+
+def test_unreadable_seed_file_refuses_to_open_even_a_spool_without_segments(
+    tmp_path: Path,
+) -> None:
+    with LogStore(tmp_path, fsync=False, segment_size=SMALL):
+        pass
+    (tmp_path / "seed").unlink()
+    (tmp_path / "seed").mkdir()
+    with pytest.raises(SpoolError, match="seed file unreadable"):
+        LogStore(tmp_path, fsync=False, segment_size=SMALL)
 
 
 # --- torn tails and damage ------------------------------------------------------------------------
@@ -201,7 +424,9 @@ def test_damage_in_a_sealed_segment_is_quarantined_and_the_rest_recovered(
 
 
 def test_record_with_a_valid_checksum_but_a_bad_envelope_is_quarantined(tmp_path: Path) -> None:
-    kept = one_message_then(tmp_path, encode_record(MESSAGE, IDS.new(), b'{"sender": 1}', b"p"))
+    kept = one_message_then(
+        tmp_path, lambda seed: encode_record(MESSAGE, IDS.new(), b'{"sender": 1}', b"p", seed=seed)
+    )
     with LogStore(tmp_path, fsync=False, segment_size=SMALL) as s:
         assert s.recover() == [kept]
         assert len(os.listdir(tmp_path / "corrupt")) == 1
