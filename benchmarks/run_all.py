@@ -10,6 +10,8 @@ Runs, one after the other (never in parallel: the machines have 2 shared cores):
 4. run_e2e.py         -- over loopback with Postfix's smtp-source vs aiosmtpd and smtp-sink,
                          and durable acceptance vs a private Postfix (skipped, saying so,
                          when smtp-source is not installed)
+5. run_delivery.py    -- the delivery agents, connection reuse on vs off, to one loopback MX
+                         (smtp-sink when installed, else mailwire's threads server)
 
 Every section prints its own table of medians and ratios taken in the same run.  The
 output file starts with the machine's description (CPU, cores, load, Python, kernel), so a
@@ -66,6 +68,10 @@ def sections(quick: bool) -> list[tuple[str, list[str]]]:
         out.append(("end to end over loopback (smtp-source)", e2e))
     else:
         out.append(("end to end over loopback: SKIPPED, smtp-source is not installed", []))
+    delivery = [py, os.path.join(HERE, "run_delivery.py")]
+    out.append(
+        ("delivery agents, connection reuse on/off", delivery + (["--quick"] if quick else []))
+    )
     return out
 
 
