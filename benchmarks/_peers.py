@@ -11,16 +11,21 @@ once so repetitions can be interleaved.
     peers.stop_all()
 
 Servers (NAMES): Postfix's ``smtp-sink`` (C, discards), ``aiosmtpd`` with a do-nothing
-handler, mailwire on each runtime with a handler that discards the message
-(``mailwire-asyncio``, ``mailwire-asyncio-uvloop``, ``mailwire-trio``, ``mailwire-threads``)
-and mailwire with the durable spool, fsync on: ``mailwire-spool-<runtime>`` with the
-one-file-per-message DirectoryStore, ``mailwire-log-<runtime>`` with the segment-log
-LogStore (adapters/_segstore.py); the spool directory is the optional DIR.
+handler, mailwire on each runtime with the base Handler, which discards the message
+(``mailwire-asyncio``, ``mailwire-asyncio-uvloop``, ``mailwire-trio``, ``mailwire-threads``;
+the driver skips the message hooks a handler leaves as Handler's own, so this is mailwire's
+floor), mailwire with a real handler, ``MessageHandler`` with a no-op callback, which
+overrides the message hooks and collects the content (``mailwire-<runtime>-msg``: what an
+application pays), and mailwire with the durable spool, fsync on:
+``mailwire-spool-<runtime>`` with the one-file-per-message DirectoryStore,
+``mailwire-log-<runtime>`` with the segment-log LogStore (adapters/_segstore.py); the spool
+directory is the optional DIR.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -41,6 +46,7 @@ NAMES = (
     "mailwire-asyncio-uvloop",
     "mailwire-trio",
     "mailwire-threads",
+    *(f"mailwire-{r}-msg" for r in RUNTIMES),
     *(f"mailwire-spool-{r}" for r in RUNTIMES),
     *(f"mailwire-log-{r}" for r in RUNTIMES),
 )
@@ -129,7 +135,22 @@ def smtp_source(
     port: int, *, messages: int, size: int, sessions: int, reuse: bool = True, timeout: float = 300
 ) -> float:
     """Send ``messages`` messages of ``size`` payload octets over ``sessions`` parallel
-    sessions with smtp-source; returns the wall-clock seconds.
+    sessions with smtp-source; returns the wall-clock seconds (see smtp_source_timed)."""
+    seconds, _ = smtp_source_timed(
+        port, messages=messages, size=size, sessions=sessions, reuse=reuse, timeout=timeout
+    )
+    return seconds
+
+
+def smtp_source_timed(
+    port: int, *, messages: int, size: int, sessions: int, reuse: bool = True, timeout: float = 300
+) -> tuple[float, float]:
+    """Send ``messages`` messages of ``size`` payload octets over ``sessions`` parallel
+    sessions with smtp-source; returns (wall-clock seconds, smtp-source's CPU seconds).
+
+    smtp-source's CPU (user + system) is the growth of this process's RUSAGE_CHILDREN
+    across the run: it counts every child reaped meanwhile, which is smtp-source alone as
+    long as no other child of the caller exits during the run (the servers stay up).
 
     Args:
         port: the server's port on 127.0.0.1.
@@ -147,12 +168,15 @@ def smtp_source(
     if reuse:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{port}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"smtp-source failed ({proc.returncode}): {proc.stderr.strip()}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
 @dataclass
@@ -425,7 +449,7 @@ def _serve_mailwire(name: str, spool_dir: str | None) -> None:
     if os.environ.get("MAILWIRE_BENCH_ENGINE_TIMES"):
         _time_engine(os.environ["MAILWIRE_BENCH_ENGINE_TIMES"])
 
-    from mailwire.adapters._driver import Handler
+    from mailwire.adapters._driver import Handler, MessageHandler
     from mailwire.protocol import ServerConfig
 
     runtime = name.rsplit("-", 1)[-1] if _durable(name) else name.split("-")[1]
@@ -441,6 +465,10 @@ def _serve_mailwire(name: str, spool_dir: str | None) -> None:
         assert spool_dir is not None
         prealloc = int(os.environ.get("MAILWIRE_BENCH_SPOOL_PREALLOCATE", "0"))
         handler = SpoolHandler(spool_dir, preallocate=prealloc)
+    elif name.endswith("-msg"):
+        # a real handler: the message hooks are overridden, so the driver calls them for
+        # every message (and chunk) and the content is joined for the callback
+        handler = MessageHandler(lambda data, envelope: None)
     else:
         handler = Handler()  # the base Handler discards every message
     config = ServerConfig(hostname="mailwire.bench")

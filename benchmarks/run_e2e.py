@@ -4,7 +4,16 @@ spool with fsync on (issue 6).
 
     python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool | --spool-only]
         [--spool-preallocate N] [--no-postfix] [--no-reuse] [--spool-dir DIR]
-        [--stores files,log]
+        [--stores files,log] [--msg-all]
+
+The discard table runs mailwire twice on asyncio: ``asyncio`` with the base Handler (the
+driver skips the message hooks it does not override: mailwire's floor) and ``asyncio-msg``
+with MessageHandler and a no-op callback (the hooks are called and the content is joined:
+what an application pays; compare it with aiosmtpd, whose handle_DATA gets the content too).
+``--msg-all`` adds ``trio-msg`` and ``threads-msg``.
+
+Besides each server's CPU per message, the tables show smtp-source's own (user + system, from
+RUSAGE_CHILDREN): the load generator shares the 2 cores with the server under test.
 
 The durable table compares both spool backends with Postfix: ``spool-*`` is DirectoryStore
 (a file per message), ``log-*`` is LogStore (a segment log, adapters/_segstore.py).  Before
@@ -37,8 +46,10 @@ from _peers import (  # noqa: E402
     have_postfix,
     have_smtp_source,
     have_uvloop,
-    smtp_source,
+    smtp_source_timed,
 )
+
+Results = dict[tuple[str, str], float | str]
 
 # (label, payload octets, sessions, messages per measurement at scale 1)
 CASES = [
@@ -59,6 +70,9 @@ SHORT = {
     "mailwire-asyncio-uvloop": "uvloop",
     "mailwire-trio": "trio",
     "mailwire-threads": "threads",
+    "mailwire-asyncio-msg": "asyncio-msg",
+    "mailwire-trio-msg": "trio-msg",
+    "mailwire-threads-msg": "threads-msg",
     "mailwire-spool-asyncio": "spool-asyncio",
     "mailwire-spool-trio": "spool-trio",
     "mailwire-spool-threads": "spool-threads",
@@ -76,11 +90,13 @@ def measure(
     repeat: int,
     scale: float,
     reuse: bool,
-) -> tuple[dict[tuple[str, str], float | str], dict[tuple[str, str], float | str]]:
-    """Per (case label, server): median messages/s and median server CPU microseconds per
-    message (user + system, all threads of the server process); a string when it failed."""
+) -> tuple[Results, Results, Results]:
+    """Per (case label, server): median messages/s, median server CPU microseconds per
+    message (user + system, all threads of the server process) and median smtp-source CPU
+    microseconds per message; a string when it failed."""
     rates: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
+    source_cpus: dict[tuple[str, str], list[float]] = {}
     failed: dict[tuple[str, str], str] = {}
     for _ in range(repeat):
         for label, size, sessions, messages in cases:
@@ -91,7 +107,7 @@ def measure(
                     continue
                 cpu = peers.cpu_seconds(name)
                 try:
-                    seconds = smtp_source(
+                    seconds, source_cpu = smtp_source_timed(
                         peers.ports[name], messages=n, size=size, sessions=sessions, reuse=reuse
                     )
                 except RuntimeError as exc:
@@ -99,12 +115,23 @@ def measure(
                     continue
                 rates.setdefault(key, []).append(n / seconds)
                 cpus.setdefault(key, []).append((peers.cpu_seconds(name) - cpu) / n * 1e6)
-    out_rates: dict[tuple[str, str], float | str] = dict(failed)
-    out_cpus: dict[tuple[str, str], float | str] = dict(failed)
+                source_cpus.setdefault(key, []).append(source_cpu / n * 1e6)
+    out_rates: Results = dict(failed)
+    out_cpus: Results = dict(failed)
+    out_source: Results = dict(failed)
     for key, values in rates.items():
         out_rates[key] = statistics.median(values)
         out_cpus[key] = statistics.median(cpus[key])
-    return out_rates, out_cpus
+        out_source[key] = statistics.median(source_cpus[key])
+    return out_rates, out_cpus, out_source
+
+
+SOURCE_HEADER = """\
+## smtp-source's own CPU per message against each server, microseconds (user + system of the
+## load generator, from RUSAGE_CHILDREN). It shares the 2 cores with the server under test:
+## messages/s <= 2 s / (server + smtp-source CPU per message), and with one session (the two
+## take turns) about 1 s / their sum.
+"""
 
 
 def ratio(a: float | str | None, b: float | str | None) -> str:
@@ -191,6 +218,11 @@ def main() -> None:
         "--no-postfix", action="store_true", help="skip the private Postfix instance"
     )
     parser.add_argument(
+        "--msg-all",
+        action="store_true",
+        help="MessageHandler peers on trio and threads too (default: asyncio only)",
+    )
+    parser.add_argument(
         "--stores",
         default="files,log",
         help="spool backends in the durable table: files (DirectoryStore), log (LogStore)",
@@ -202,7 +234,9 @@ def main() -> None:
     names = ["smtp-sink", "aiosmtpd", "mailwire-asyncio"]
     if have_uvloop():
         names.append("mailwire-asyncio-uvloop")
-    names += ["mailwire-trio", "mailwire-threads"]
+    names += ["mailwire-trio", "mailwire-threads", "mailwire-asyncio-msg"]
+    if args.msg_all:
+        names += ["mailwire-trio-msg", "mailwire-threads-msg"]
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs (shared with smtp-source), {platform.platform()}"
@@ -218,7 +252,9 @@ def main() -> None:
             for name in names:
                 peers.start(name)
             start = time.perf_counter()
-            results, cpu = measure(peers, names, CASES, args.repeat, args.scale, not args.no_reuse)
+            results, cpu, source = measure(
+                peers, names, CASES, args.repeat, args.scale, not args.no_reuse
+            )
             ratios = [
                 ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
                 ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
@@ -230,12 +266,20 @@ def main() -> None:
                     ("uvloop/sink", "mailwire-asyncio-uvloop", "smtp-sink"),
                 ]
             ratios.append(("asyncio/sink", "mailwire-asyncio", "smtp-sink"))
+            ratios += [
+                ("asyncio-msg/asyncio", "mailwire-asyncio-msg", "mailwire-asyncio"),
+                ("asyncio-msg/aiosmtpd", "mailwire-asyncio-msg", "aiosmtpd"),
+            ]
             print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
-            print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB)\n")
+            print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB); *-msg: MessageHandler with a")
+            print("## no-op callback (the message hooks run, the content is collected)\n")
             print(table(names, CASES, results, ratios))
             print("\n## server CPU per message, microseconds (user + system; lower is better;")
-            print("## ratios are CPU-efficiency ratios: den/num, i.e. how many times cheaper)\n")
+            print("## ratios are CPU-efficiency ratios: den/num, i.e. how many times cheaper;")
+            print("## smtp-source's own CPU, on the same 2 cores, is in the next table)\n")
             print(table(names, CASES, cpu, [(n, d, m) for n, m, d in ratios], digits=1))
+            print("\n" + SOURCE_HEADER)
+            print(table(names, CASES, source, [], digits=1))
             print(f"\n({time.perf_counter() - start:.0f} s)")
             peers.stop_all()
 
@@ -259,7 +303,9 @@ def main() -> None:
                 spool_ratios = [(f"{SHORT[n]}/postfix", n, "postfix") for n in spool_names[:-1]]
             probe_before = disk_probe(spool_parent)
             start = time.perf_counter()
-            results, cpu = measure(peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True)
+            results, cpu, source = measure(
+                peers, spool_names, SPOOL_CASES, args.repeat, args.scale, True
+            )
             print(f"\n## durable acceptance, fsync on, in {spool_parent}: mailwire's spool-* (file")
             print("## per message + directory fsync, group commit) and log-* (segment log, one")
             print("## fdatasync per group commit) vs Postfix (smtpd -> cleanup, fsync per file;")
@@ -273,6 +319,8 @@ def main() -> None:
             )
             cpu_ratios = [(n, d, m) for n, m, d in spool_ratios]
             print(table(spool_names, SPOOL_CASES, cpu, cpu_ratios, digits=1))
+            print("\n" + SOURCE_HEADER)
+            print(table(spool_names, SPOOL_CASES, source, [], digits=1))
             print(f"\n({time.perf_counter() - start:.0f} s)")
             peers.stop_all()
             tmp.cleanup()

@@ -26,6 +26,7 @@ SERVERS = [
     ),
     "mailwire-trio",
     "mailwire-threads",
+    "mailwire-asyncio-msg",  # MessageHandler: the message hooks run (the others skip them)
 ]
 # (payload octets, sessions, messages)
 CASES = {
