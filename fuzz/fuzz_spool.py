@@ -29,11 +29,15 @@ message count minus one, bit 2 = a half-received (spilled) message left behind, 
 third message deleted (tombstones; small segments make the store unlink and compact while
 the messages are written); then records of ``op segment args...`` (LOG_OPS): truncate,
 overwrite, garbage written after the last record (a torn, unacknowledged write), segment file
-deleted, a well-framed record with an arbitrary envelope and queue ID planted after the last
-record, a new highest segment holding a torn record, garbage in tmp/, junk names and a
-directory in segments/.  Invariants:
+deleted, a well-framed record (CRC started from the store's seed, as the store writes them)
+with an arbitrary envelope and queue ID planted after the last record, a new highest segment
+holding a torn record, garbage in tmp/, junk names and a directory in segments/, and a forgery:
+a record with a valid envelope framed with seed 0 (or another spool's seed) written inside a
+message's content (what a sender can put in a body; the write itself damages the carrier, so
+recovery resyncs over the forged record).  Invariants:
   * recover() never raises, get() of a recovered ID never raises, IDs come oldest first;
-  * nothing comes back that was neither acknowledged nor planted (not the half message);
+  * nothing comes back that was neither acknowledged nor planted (not the half message); a
+    forged record (framed without the spool's seed) never comes back;
   * an acknowledged message comes back byte-identical, and always comes back unless some
     change hit its segment at or before its record's end (for every copy of the record);
   * a deleted message stays deleted unless every one of its tombstones was hit the same way;
@@ -50,7 +54,14 @@ import tempfile
 import zlib
 from dataclasses import replace
 
-from mailwire.adapters._segstore import MESSAGE, LogStore, decode_record, encode_record
+from mailwire.adapters._segstore import (
+    HEADER_SIZE,
+    MESSAGE,
+    LogStore,
+    Record,
+    decode_record,
+    encode_record,
+)
 from mailwire.adapters._spool import (
     DirectoryStore,
     QueueIds,
@@ -228,31 +239,41 @@ def check(
 
 SEGMENT = 2048
 LOG_OPS = ["truncate", "overwrite", "torn-write", "delete", "plant", "torn-new-segment",
-           "tmp-garbage", "junk-name", "directory"]  # fmt: skip
+           "tmp-garbage", "junk-name", "directory", "forge"]  # fmt: skip
+# a relay to arbitrary recipients: what a forger would want recovery to bring back
+FORGED_ENVELOPE = SpoolEnvelope(
+    sender=MailFrom(address="a@evil.example"),
+    recipients=(RcptTo(address="v@example.com"),),
+    peer=("203.0.113.9", 25),
+)
 
 
-def _log_layout(root: str) -> dict[str, list[tuple[int, str, int]]]:
+def _records(raw: bytes, seed: int) -> list[tuple[int, Record]]:
+    """(start, record) of the valid records at the start of a segment's bytes, in order."""
+    out, pos = [], 0
+    while (record := decode_record(raw, pos, seed=seed)) is not None:
+        out.append((pos, record))
+        pos += record.length
+    return out
+
+
+def _log_layout(root: str, seed: int) -> dict[str, list[tuple[int, str, int]]]:
     """Per segment file name: (kind, queue ID, end offset) of its records, in order."""
     out: dict[str, list[tuple[int, str, int]]] = {}
     segdir = os.path.join(root, "segments")
     for name in sorted(os.listdir(segdir)):
-        with open(os.path.join(segdir, name), "rb") as f:
-            raw = f.read()
-        records, pos = [], 0
-        while (record := decode_record(raw, pos)) is not None:
-            pos += record.length
-            records.append((record.kind, record.queue_id, pos))
-        out[name] = records
+        records = _records(_read(os.path.join(segdir, name)), seed)
+        out[name] = [(rec.kind, rec.queue_id, at + rec.length) for at, rec in records]
     return out
 
 
-def _records_end(path: str) -> int:
+def _records_end(path: str, seed: int) -> int:
+    return sum(record.length for _, record in _records(_read(path), seed))
+
+
+def _read(path: str) -> bytes:
     with open(path, "rb") as f:
-        raw = f.read()
-    pos = 0
-    while (record := decode_record(raw, pos)) is not None:
-        pos += record.length
-    return pos
+        return f.read()
 
 
 def _patch(path: str, offset: int, data: bytes) -> None:
@@ -279,11 +300,14 @@ def run_log(data: bytes, root: str) -> None:
         writer = store.begin()
         writer.write(b"Subject: unacknowledged\r\n\r\n" + b"x" * 100)
     store.close()
+    seed = store.seed
+    assert seed == zlib.crc32(bytes.fromhex(_read(os.path.join(root, "seed")).decode())) != 0
 
     segdir = os.path.join(root, "segments")
-    layout = _log_layout(root)
+    layout = _log_layout(root, seed)
     hits: dict[str, int] = {}  # segment name -> lowest offset changed (-1: file deleted)
     planted: set[str] = set()
+    forged: set[str] = set()
     r = Reader(data[1:])
     while r.more:
         name = LOG_OPS[r.byte() % len(LOG_OPS)]
@@ -305,20 +329,21 @@ def run_log(data: bytes, root: str) -> None:
             _patch(path, at, r.take(r.byte() % 16 + 1))
             hit(at)
         elif name == "torn-write" and target:  # garbage after the records: unacknowledged
-            _patch(path, _records_end(path), r.take(r.byte() % 64 + 1))
+            _patch(path, _records_end(path, seed), r.take(r.byte() % 64 + 1))
         elif name == "delete" and target:
             os.unlink(path)
             hit(-1)
         elif name == "plant" and target:  # a well-framed record after the last one
             planted_id = IDS.new()
             envelope_json = r.take(r.word() % 4096)
-            _patch(path, _records_end(path), encode_record(MESSAGE, planted_id, envelope_json,
-                                                           b"planted"))  # fmt: skip
+            _patch(path, _records_end(path, seed), encode_record(
+                MESSAGE, planted_id, envelope_json, b"planted", seed=seed))  # fmt: skip
             planted.add(planted_id)
         elif name == "torn-new-segment":
             seq = max((int(n[:16], 16) for n in segments), default=0) + 1
             record = encode_record(MESSAGE, IDS.new(), acked and next(iter(acked.values()))[0]
-                                   .to_json() or b"{}", b"never acknowledged")  # fmt: skip
+                                   .to_json() or b"{}", b"never acknowledged",
+                                   seed=seed)  # fmt: skip
             with open(os.path.join(segdir, f"{seq:016x}.seg"), "wb") as f:
                 f.write(record[: max(1, r.byte() * len(record) // 256)])
         elif name == "tmp-garbage":
@@ -330,7 +355,22 @@ def run_log(data: bytes, root: str) -> None:
         elif name == "directory":
             seq = max((int(n[:16], 16) for n in segments), default=0) + 1 + r.byte() % 3
             os.mkdir(os.path.join(segdir, f"{seq:016x}.seg"))
-    check_log(root, acked, deleted, planted, layout, hits)
+        elif name == "forge" and target:  # a record a sender framed inside a message's body
+            raw = _read(path)
+            carriers = [(at, rec) for at, rec in _records(raw, seed) if rec.kind == MESSAGE]
+            how, where = r.byte(), r.word()
+            if not carriers:
+                continue
+            at, carrier = carriers[how % len(carriers)]
+            content_at = at + HEADER_SIZE + len(carrier.envelope_json)
+            offset = content_at + where % max(len(carrier.content), 1)
+            framing = 0 if how & 128 else seed ^ (0x9E3779B9 | how)  # seed 0, another spool's
+            forged_id = IDS.new()
+            _patch(path, offset, encode_record(MESSAGE, forged_id, FORGED_ENVELOPE.to_json(),
+                                               b"forged", seed=framing))  # fmt: skip
+            forged.add(forged_id)
+            hit(offset)  # the carrier's CRC no longer matches: damage before the forgery
+    check_log(root, acked, deleted, planted, layout, hits, forged, seed)
 
 
 def check_log(
@@ -340,6 +380,8 @@ def check_log(
     planted: set[str],
     layout: dict[str, list[tuple[int, str, int]]],
     hits: dict[str, int],
+    forged: set[str],
+    seed: int,
 ) -> None:
     def places(queue_id: str, kind: int) -> list[tuple[str, int]]:
         return [(seg, end) for seg, records in layout.items() for k, q, end in records
@@ -350,7 +392,9 @@ def check_log(
 
     store = LogStore(root, fsync=False, segment_size=SEGMENT)
     try:
+        assert store.seed == seed, "the seed changed across a reopen"
         recovered = check_recovered(store, acked, planted)
+        assert not forged & set(recovered), "a forged record was resurrected"
         for queue_id in acked:
             if queue_id in deleted:
                 if queue_id in recovered:
