@@ -316,7 +316,8 @@ class LogStore(GroupCommitter):
             delivered and deleted by then: copying them would be wasted).
 
     Raises:
-        SpoolError: the directory is locked by another process, or is a DirectoryStore spool.
+        SpoolError: the directory is locked by another process, or is a DirectoryStore spool,
+            or its seed file is unreadable or malformed.
     """
 
     def __init__(
