@@ -70,6 +70,7 @@ def send_message(
         config = ClientConfig(local_hostname=local_hostname or socket.getfqdn())
     context = client_context(tls_context) if mode != "none" else None
     sock = socket.create_connection((host, port or DEFAULT_PORTS[mode]), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio and trio do
     try:
         if mode == "implicit":
             assert context is not None

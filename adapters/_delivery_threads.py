@@ -265,6 +265,9 @@ class BlockingDeliveryAgent(AgentCore):
                 sock = socket.create_connection(
                     (str(target.address), target.port), timeout=self.config.connect_timeout
                 )
+                # small commands then a wait for the reply: Nagle + delayed ACK would cost
+                # ~40 ms per exchange (asyncio and trio set this by themselves)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as exc:
                 return reason(exc)
         current = [sock]  # the socket in use: the TLS one after STARTTLS

@@ -136,6 +136,9 @@ class _Server:
             time.sleep(0.1)
             return
         sock.setblocking(True)
+        # replies are small writes awaited by the client: no Nagle delay (asyncio and trio
+        # set this by themselves)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         thread = threading.Thread(target=self._connection, args=(sock,), daemon=True)
         with self.lock:
             self.threads.add(thread)

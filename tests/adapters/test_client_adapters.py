@@ -445,3 +445,39 @@ def test_against_mailwire_server_with_pipelining_and_chunking(
     assert env.recipients[0].notify == ("FAILURE",)
     assert data.endswith(b"\r\n.dot\r\n")
     assert data == prepare(msg).content
+
+
+def test_threads_client_and_server_sockets_disable_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncio and trio set TCP_NODELAY by themselves; blocking sockets do not, and an SMTP
+    # exchange (a small write, then a wait for the peer's reply) then stalls on Nagle's
+    # algorithm against delayed ACKs: ~40 ms per exchange, seen against smtp-sink.
+    from mailwire.adapters._driver import MessageHandler
+    from mailwire.adapters.threads import Controller as ThreadsController
+    from mailwire.protocol import ServerConfig
+
+    sockets: list[socket.socket] = []
+    real_accept = socket.socket.accept
+    real_connect = socket.create_connection
+
+    def accept(self: socket.socket) -> tuple[socket.socket, Any]:
+        conn, address = real_accept(self)
+        sockets.append(conn)
+        return conn, address
+
+    def create_connection(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = real_connect(*args, **kwargs)
+        sockets.append(sock)
+        return sock
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    seen: list[list[int]] = []  # NODELAY of both ends, read while the session is open
+
+    def got(data: bytes, envelope: Any) -> None:
+        seen.append([s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets])
+
+    with ThreadsController(MessageHandler(got), ServerConfig(hostname="mx.test")) as ctl:
+        host, port = ctl.addresses[0]
+        send("threads", message(), host=host, port=port, tls="none")
+    assert len(seen) == 1 and len(seen[0]) == 2
+    assert all(seen[0]), seen
