@@ -252,7 +252,8 @@ def test_a_spool_is_never_opened_as_the_other_format(tmp_path: Path, fmt: str, o
     with pytest.raises(SpoolError):
         SpoolHandler(tmp_path, store_format=other)
     with opened(tmp_path, "auto") as s:
-        assert type(s) is {"files": DirectoryStore, "log": LogStore}[fmt]
+        kinds: dict[str, type] = {"files": DirectoryStore, "log": LogStore}
+        assert type(s) is kinds[fmt]
         assert s.recover() == [queue_id]
 
 
