@@ -78,8 +78,8 @@ from mailwire.protocol._events import (
     Vrfy,
 )
 from mailwire.protocol._grammar import GrammarError
-from mailwire.protocol._readers import VERBS, BodyReader, decode_line, split_verb
-from mailwire.protocol._state import GREETED_STATES, SessionState, is_legal
+from mailwire.protocol._readers import VERBS, BodyReader, decode_line
+from mailwire.protocol._state import GREETED_STATES, TRANSITIONS, SessionState
 from mailwire.protocol._writers import format_reply
 
 S = SessionState
@@ -87,6 +87,8 @@ _HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS
 _ENDED = frozenset({S.CLOSED, S.ERROR})
 _WAITING = frozenset({S.STARTTLS})
 _NOT_PARSING = frozenset({S.CLOSED, S.ERROR, S.STARTTLS, S.GREETING})
+_EHLO_TYPES = frozenset({Ehlo, Lhlo})  # decisions whose 2yz reply lists the extensions
+_HELLO_TYPES = frozenset({Ehlo, Helo, Lhlo})  # RFC 2034: no enhanced code on their replies
 Decision: TypeAlias = Helo | Ehlo | Lhlo | MailFrom | RcptTo | Vrfy | AuthCredentials | EndOfMessage
 # Enhanced status codes (RFC 3463) used when the application's reply carries none.
 _DEFAULT_ENHANCED: dict[tuple[type[object], int], str] = {
@@ -270,18 +272,28 @@ class ServerConnection:
             raise RemoteProtocolError("the session is in the ERROR state")
         if self._state is S.CLOSED:
             return self._closed()
-        if self.owes_reply or self._state is S.STARTTLS:
+        state = self._state
+        # owes_reply inlined (no event is pending here)
+        if self._owed is not None or (state is S.GREETING and not self._refused):
             return PAUSED
+        if state is S.STARTTLS:
+            return PAUSED
+        events = self._events
         try:
-            while not self._events and self._parsing():
-                before = (self._pos, self._state, self._bdat)
-                if self._state is S.DATA:
+            # The hot loop: _parsing() and owes_reply inlined.  While the loop runs no event
+            # is pending (it exits as soon as one is queued), so owes_reply reduces to
+            # ``_owed is None`` here (GREETING is in _NOT_PARSING).
+            while self._state not in _NOT_PARSING and self._owed is None:
+                pos, state, bdat = self._pos, self._state, self._bdat
+                if state is S.DATA:
                     self._read_body()
-                elif self._bdat is not None:
+                elif bdat is not None:
                     self._read_bdat()
                 else:
                     self._read_line()
-                if (self._pos, self._state, self._bdat) == before:
+                if events:
+                    break
+                if pos == self._pos and state is self._state and bdat == self._bdat:
                     break  # no progress: more bytes are needed
         except RemoteProtocolError:
             self._state = S.ERROR
@@ -293,7 +305,9 @@ class ServerConnection:
             raise RemoteProtocolError(f"internal error: {exc!r}", reply_hint=reply) from exc
         if self._events:
             return self._events.popleft()
-        if self.owes_reply or self._state in _WAITING:
+        if self._owed is not None or self._state in _WAITING:  # owes_reply, inlined
+            return PAUSED
+        if self._state is S.GREETING and not self._refused:
             return PAUSED
         if self._eof or self._state in _ENDED:
             if self._state not in _ENDED:
@@ -424,25 +438,21 @@ class ServerConnection:
             raise LocalProtocolError("send() called but no reply is owed")
         if cls == 3:
             raise LocalProtocolError(f"a 3yz reply cannot answer {type(owed).__name__}")
-        if isinstance(owed, RcptTo) and owed.is_postmaster and cls == 5:
+        # Cheap tests first: isinstance() runs only for the rare codes it matters for.
+        if cls == 5 and isinstance(owed, RcptTo) and owed.is_postmaster:
             raise LocalProtocolError("<Postmaster> MUST be accepted (RFC 5321 4.5.1)")
-        if isinstance(owed, AuthCredentials) and cls == 2 and code != 235:
+        if cls == 2 and code != 235 and isinstance(owed, AuthCredentials):
             raise LocalProtocolError("successful AUTH is answered with 235 (RFC 4954 6)")
-        if isinstance(owed, (Ehlo, Lhlo)) and cls == 2:
+        kind = type(owed)
+        if cls == 2 and kind in _EHLO_TYPES:
             self._emit(self._ehlo_reply(reply), enhanced=False)
         else:
-            self._emit(reply, enhanced=not isinstance(owed, (Ehlo, Helo, Lhlo)), owed=owed)
+            self._emit(reply, enhanced=kind not in _HELLO_TYPES, owed=owed)
         if code == 421:
             self._owed = None
             self._state = S.CLOSED
             return
-        match owed:
-            case Ehlo() | Helo() | Lhlo():
-                if cls == 2:
-                    self._reset_transaction()
-                    self._peer_domain = owed.domain
-                    self._esmtp = not isinstance(owed, Helo)
-                    self._state = S.READY
+        match owed:  # the commonest decisions first
             case MailFrom():
                 if cls == 2:
                     self._sender = owed
@@ -451,6 +461,12 @@ class ServerConnection:
                 if cls == 2:
                     self._recipients.append(owed)
                     self._state = S.RCPT
+            case Ehlo() | Helo() | Lhlo():
+                if cls == 2:
+                    self._reset_transaction()
+                    self._peer_domain = owed.domain
+                    self._esmtp = kind is not Helo
+                    self._state = S.READY
             case AuthCredentials():
                 self._state = S.READY
                 if code == 235:
@@ -553,9 +569,21 @@ class ServerConnection:
 
     def _read_line(self) -> None:
         """Parse one command line (if complete) and act on it."""
-        line = self._take_line()
-        if line is None:
+        # _take_line() inlined: this runs for every command line.
+        buf = self._buf
+        end = buf.find(b"\n", self._scan)
+        limit = self.config.command_line_limit
+        if end < 0:
+            if len(buf) - self._pos > limit:
+                self._discarding = True  # an over-long line: drop it, answer at its LF
+                self._pos = self._scan = len(buf)
+            else:
+                self._scan = len(buf)
             return
+        line = bytes(buf[self._pos : end])
+        self._pos = self._scan = end + 1
+        if len(line) + 1 > limit:
+            self._discarding = True
         if self._discarding:
             self._discarding = False
             self._reject(line, 500, "5.5.2", "Syntax error: line too long")
@@ -567,7 +595,8 @@ class ServerConnection:
         if self._state is S.AUTH:
             self._sasl_step(line)
             return
-        verb, raw_arg = split_verb(line)
+        verb, _, raw_arg = line.partition(b" ")  # split_verb() inlined
+        verb = verb.upper()
         parse = VERBS.get(verb)
         if parse is None:
             if verb in _HTTP_VERBS:
@@ -599,7 +628,7 @@ class ServerConnection:
                 raise RemoteProtocolError("malformed BDAT", reply_hint=hint) from None
             self._reject(line, exc.code, exc.enhanced, exc.text)
             return
-        self._dispatch(line, command)
+        _ON_COMMAND[type(command)](self, line, command)  # _dispatch() inlined
 
     def _sequence_error(self, line: bytes, command: Command) -> None:
         if self._state is S.HELLO and not isinstance(command, (Helo, Ehlo, Lhlo)):
@@ -626,7 +655,7 @@ class ServerConnection:
         _ON_COMMAND[type(command)](self, line, command)
 
     def _in_sequence(self, line: bytes, command: Command) -> bool:
-        if is_legal(self._state, type(command)):
+        if (self._state, type(command)) in TRANSITIONS:  # is_legal() inlined
             return True
         self._sequence_error(line, command)
         return False
