@@ -44,7 +44,14 @@ from mailwire.protocol._events import (
     Vrfy,
     trusted,
 )
-from mailwire.protocol._grammar import GrammarError, parse_params, parse_path, xtext_decode
+from mailwire.protocol._grammar import (
+    MAX_LABEL,
+    MAX_LOCAL_PART,
+    GrammarError,
+    parse_params,
+    parse_path,
+    xtext_decode,
+)
 
 # --- command lines ----------------------------------------------------------------------------
 
@@ -53,6 +60,17 @@ _BDAT = re.compile(r"(\d{1,19})(?: +(LAST))? *", re.IGNORECASE | re.ASCII)
 _TOKEN = re.compile(r"[\x21-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_ENVID = 100  # RFC 3461 4.4
+# Fast path for the common plain form ``FROM:<local@domain>`` / ``TO:<local@domain>``: ASCII,
+# a dot-string local part, a domain of LDH labels, no source route, no parameters.  Every
+# string these match is also matched by the full grammar (_grammar._build), whose ASCII and
+# UTF-8 variants agree on ASCII text, so the result is the same; the length limits are checked
+# by the caller and anything else falls back to the full parser (a hypothesis property in
+# tests/test_grammar.py compares the two).
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN = rf" *<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>"
+_PLAIN_MAIL = re.compile(rf"FROM:{_PLAIN}", re.IGNORECASE | re.ASCII)
+_PLAIN_RCPT = re.compile(rf"TO:{_PLAIN}", re.IGNORECASE | re.ASCII)
 _MAX_ORCPT = 500  # RFC 3461 4.2
 
 
@@ -104,6 +122,27 @@ def _split_path(arg: str, prefix: str) -> tuple[str, str]:
 
 
 def _parse_mail(arg: str, config: ServerConfig, utf8: bool) -> Command:
+    m = _PLAIN_MAIL.fullmatch(arg)
+    if m is not None:
+        local, domain = m.groups()
+        # RFC 5321 4.5.3.1: a local part of at most 64 octets; a domain of at most 63 octets
+        # cannot break the domain or label limits, and the path stays under 256.
+        if len(local) <= MAX_LOCAL_PART and len(domain) <= MAX_LABEL:
+            return trusted(
+                MailFrom,
+                address=f"{local}@{domain}",
+                size=None,
+                body=None,
+                smtputf8=False,
+                ret=None,
+                envid=None,
+                auth=None,
+                extra=(),
+            )
+    return _parse_mail_full(arg, config, utf8)
+
+
+def _parse_mail_full(arg: str, config: ServerConfig, utf8: bool) -> Command:
     path, param_text = _split_path(arg, "FROM:")
     params = parse_params(param_text, utf8=config.smtputf8) if param_text else {}
     smtputf8 = False
@@ -166,6 +205,15 @@ def _parse_mail(arg: str, config: ServerConfig, utf8: bool) -> Command:
 
 
 def _parse_rcpt(arg: str, config: ServerConfig, utf8: bool) -> Command:
+    m = _PLAIN_RCPT.fullmatch(arg)
+    if m is not None:
+        local, domain = m.groups()
+        if len(local) <= MAX_LOCAL_PART and len(domain) <= MAX_LABEL:  # as in _parse_mail
+            return trusted(RcptTo, address=f"{local}@{domain}", notify=None, orcpt=None, extra=())
+    return _parse_rcpt_full(arg, config, utf8)
+
+
+def _parse_rcpt_full(arg: str, config: ServerConfig, utf8: bool) -> Command:
     path, param_text = _split_path(arg, "TO:")
     address = parse_path(path, utf8=utf8, recipient=True)
     params = parse_params(param_text, utf8=utf8) if param_text else {}

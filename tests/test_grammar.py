@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailwire.protocol import is_valid_domain, is_valid_mailbox, split_mailbox
+from mailwire.protocol import ServerConfig, is_valid_domain, is_valid_mailbox, split_mailbox
+from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._grammar import (
     GrammarError,
     parse_params,
     parse_path,
     xtext_decode,
     xtext_encode,
+)
+from mailwire.protocol._readers import (
+    _PLAIN_MAIL,
+    _PLAIN_RCPT,
+    _parse_mail,
+    _parse_mail_full,
+    _parse_rcpt,
+    _parse_rcpt_full,
 )
 
 
@@ -84,3 +93,76 @@ def test_split_mailbox_with_at_inside_an_address_literal() -> None:
     assert split_mailbox("user@[x-tag:a@b]") == ("user", "[x-tag:a@b]")
     assert split_mailbox('"a@[b"@[192.0.2.1]') == ('"a@[b"', "[192.0.2.1]")
     assert split_mailbox("user@example.com") == ("user", "example.com")
+
+
+# --- the MAIL/RCPT fast path (_readers._PLAIN_MAIL/_PLAIN_RCPT) against the full grammar ------
+
+_CONFIG = ServerConfig()
+
+
+def _outcome(parse: object, arg: str, utf8: bool) -> object:
+    try:
+        return ("ok", parse(arg, _CONFIG, utf8))  # type: ignore[operator]
+    except GrammarError as exc:
+        return ("grammar", exc.code, exc.enhanced, exc.text)
+    except LocalProtocolError as exc:
+        return ("local", str(exc))
+
+
+_LOCALS = st.one_of(
+    # dot-separated atoms, lengths around the 64-octet local-part limit, or atext with the odd
+    # dot, quote, space, '@' or non-ASCII letter
+    st.lists(st.text("aZ9!~", min_size=1, max_size=40), min_size=1, max_size=3).map(".".join),
+    st.integers(60, 68).map(lambda n: "a." * 3 + "x" * (n - 6)),
+    st.text(alphabet='aZ9!#-_+~." @\u00e9', max_size=70),
+)
+_DOMAINS = st.one_of(
+    # LDH labels, one label around the 63-octet label limit, or domain-ish text and literals
+    st.lists(st.text("aZ9-", min_size=1, max_size=40), min_size=1, max_size=3).map(".".join),
+    st.integers(60, 68).map(lambda n: "d" * n),
+    st.text(alphabet="aZ9-.\u00e9[]_:", max_size=70),
+)
+
+
+def _path_args(prefix: str) -> st.SearchStrategy[str]:
+    variants = [prefix, prefix.lower(), prefix.title()]
+    plain = st.tuples(  # the fast path's form, with locals and domains valid or not
+        st.sampled_from(variants), st.sampled_from(["", " "]), st.just("<"), _LOCALS,
+        st.just("@"), _DOMAINS, st.just(">"),
+    )  # fmt: skip
+    noisy = st.tuples(  # anything near it
+        st.sampled_from([*variants, prefix[:-1] + " :", "", "X" + prefix]),
+        st.sampled_from(["", " ", "  ", "\t"]),
+        st.sampled_from(["<", "", "<@relay.example:", "<<"]),
+        _LOCALS,
+        st.sampled_from(["@", "", "@@"]),
+        _DOMAINS,
+        st.sampled_from([">", "", ">>"]),
+        st.sampled_from(["", " ", " SIZE=100", " BODY=8BITMIME", "x", " NOTIFY=NEVER"]),
+    )
+    return st.one_of(plain, noisy).map("".join)
+
+
+@settings(max_examples=300)
+@given(_path_args("FROM:"), st.booleans())
+def test_mail_fast_path_agrees_with_the_full_parser(arg: str, utf8: bool) -> None:
+    assert _outcome(_parse_mail, arg, utf8) == _outcome(_parse_mail_full, arg, utf8)
+
+
+@settings(max_examples=300)
+@given(_path_args("TO:"), st.booleans())
+def test_rcpt_fast_path_agrees_with_the_full_parser(arg: str, utf8: bool) -> None:
+    assert _outcome(_parse_rcpt, arg, utf8) == _outcome(_parse_rcpt_full, arg, utf8)
+
+
+@pytest.mark.parametrize("local_len, domain_len", [(64, 63), (65, 10), (10, 64)])
+def test_fast_path_length_limits_match_the_full_parser(local_len: int, domain_len: int) -> None:
+    arg = f"FROM:<{'a' * local_len}@{'b' * domain_len}>"
+    assert _outcome(_parse_mail, arg, False) == _outcome(_parse_mail_full, arg, False)
+
+
+def test_fast_path_matches_the_plain_form() -> None:
+    # the property above would hold vacuously if the fast path never matched
+    assert _PLAIN_MAIL.fullmatch("MAIL FROM:<a.b@c-d.example>"[5:]) is not None
+    assert _PLAIN_RCPT.fullmatch("to: <x+y@example.net>") is not None
+    assert _PLAIN_RCPT.fullmatch("TO:<@relay:x@example.net>") is None
