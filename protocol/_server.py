@@ -448,7 +448,14 @@ class ServerConnection:
         if cls == 2 and kind in _EHLO_TYPES:
             self._emit(self._ehlo_reply(reply), enhanced=False)
         else:
-            self._emit(reply, enhanced=kind not in _HELLO_TYPES, owed=owed)
+            # _emit() inlined: the wire form of a (code, text) pair is cached
+            enhanced = kind not in _HELLO_TYPES
+            key = (code, reply.text, enhanced and self.config.enhanced_status_codes, kind)
+            wire = _WIRE_CACHE.get(key)
+            if wire is None:
+                self._emit(reply, enhanced=enhanced, owed=owed)
+            else:
+                self._out.append(wire)
         if code == 421:
             self._owed = None
             self._state = S.CLOSED
@@ -681,7 +688,8 @@ class ServerConnection:
 
     def _on_mail(self, line: bytes, command: MailFrom) -> None:
         c = self.config
-        if not self._in_sequence(line, command):
+        if (self._state, MailFrom) not in TRANSITIONS:  # _in_sequence() inlined
+            self._sequence_error(line, command)
             return
         if c.tls_required and not self._tls_active:
             self._reject(line, 530, "5.7.0", "Must issue a STARTTLS command first")
@@ -690,10 +698,12 @@ class ServerConnection:
         elif not self._esmtp and _has_params(command):
             self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
         else:
-            self._decide(command)
+            self._owed = command  # _decide() inlined
+            self._events.append(command)
 
     def _on_rcpt(self, line: bytes, command: RcptTo) -> None:
-        if not self._in_sequence(line, command):
+        if (self._state, RcptTo) not in TRANSITIONS:  # _in_sequence() inlined
+            self._sequence_error(line, command)
             return
         if len(self._recipients) >= self.config.max_recipients:
             # RFC 5321 4.5.3.1.10; a 452 is not a syntax error: not counted as bad
@@ -701,10 +711,12 @@ class ServerConnection:
         elif not self._esmtp and _has_params(command):
             self._reject(line, 555, "5.5.4", "Parameters not allowed after HELO")
         else:
-            self._decide(command)
+            self._owed = command  # _decide() inlined
+            self._events.append(command)
 
     def _on_data(self, line: bytes, command: Data) -> None:
-        if not self._in_sequence(line, command):
+        if (self._state, Data) not in TRANSITIONS:  # _in_sequence() inlined
+            self._sequence_error(line, command)
             return
         if self._sender is not None and self._sender.body == "BINARYMIME":
             self._reject(line, 503, "5.5.1", "BODY=BINARYMIME requires BDAT")
