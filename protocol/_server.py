@@ -854,13 +854,19 @@ class ServerConnection:
             self._scan = self._pos
             return
         self._scan = self._pos
-        self._data_progress(self._pos - start)
-        too_big = bool(self.config.max_message_size) and body.size > self.config.max_message_size
-        if data and not too_big and body.violation is None:
+        config = self.config
+        # _data_progress() inlined
+        self._progress += self._pos - start
+        if self._progress >= config.min_data_progress:
+            self._progress = 0
+            self._timer_start = self._now
+        too_big = bool(config.max_message_size) and body.size > config.max_message_size
+        broken = body.violation  # a property: read once
+        if data and not too_big and broken is None:
             self._events.append(MessageData(data=data))
         if finished:
             violation = (552, "5.3.4", "Message size exceeds fixed maximum") if too_big else None
-            self._end_message(violation or body.violation)
+            self._end_message(violation or broken)
 
     def _data_progress(self, octets: int) -> None:
         """Restart the data-block deadline (RFC 5321 4.5.3.2.5) once enough arrived.
