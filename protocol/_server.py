@@ -557,27 +557,9 @@ class ServerConnection:
 
     # --- internals: command lines -----------------------------------------------------------
 
-    def _take_line(self) -> bytes | None:
-        """The next complete line (LF removed, CR kept), or None if more bytes are needed."""
-        buf = self._buf
-        end = buf.find(b"\n", self._scan)
-        limit = self.config.command_line_limit
-        if end < 0:
-            if len(buf) - self._pos > limit:
-                self._discarding = True  # an over-long line: drop it, answer at its LF
-                self._pos = self._scan = len(buf)
-            else:
-                self._scan = len(buf)
-            return None
-        line = bytes(buf[self._pos : end])
-        self._pos = self._scan = end + 1
-        if len(line) + 1 > limit:
-            self._discarding = True
-        return line
-
     def _read_line(self) -> None:
         """Parse one command line (if complete) and act on it."""
-        # _take_line() inlined: this runs for every command line.
+        # Take the next complete line (LF removed, CR kept), or wait for more bytes.
         buf = self._buf
         end = buf.find(b"\n", self._scan)
         limit = self.config.command_line_limit
