@@ -32,7 +32,7 @@
 # is on disk the next one gathers, so concurrent sessions share flushes and a lone session
 # pays one round.  ``max_batch=1`` gives the classic one-message-at-a-time behaviour (for
 # comparison).  SpoolHandler wakes an event loop once per batch, not once per message
-# (_Wakeups).
+# (adapters/_futures.py's when_done).
 #
 # Inode reuse.  On this machine's journal-less ext4, creating a file costs ~0.7 ms of system
 # CPU (inode allocation; appending to a file costs ~2 us, renaming one ~20 us), more than all
@@ -52,7 +52,6 @@
 # a process) then 9 random base-32 digits (45 bits) - unique and sortable by arrival time.
 from __future__ import annotations
 
-import asyncio
 import builtins
 import concurrent.futures
 import errno
@@ -62,16 +61,16 @@ import logging
 import os
 import random
 import secrets
-import sys
 import threading
 import time
-import weakref
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any, Protocol, Self, runtime_checkable
 
 from mailwire.adapters._driver import Handler, Session
+from mailwire.adapters._futures import when_done
 from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import MailFrom, RcptTo, Reply
 
@@ -882,8 +881,6 @@ class SpoolHandler(Handler):
             self.store: MessageStore = open_store(directory, store_format, **options)
         else:
             self.store = directory
-        # per event loop (asyncio loop or trio token): wake-ups of sessions waiting for a commit
-        self._wakeups: weakref.WeakKeyDictionary[object, _Wakeups] = weakref.WeakKeyDictionary()
         self.recovered = self.store.recover()
 
     def close(self) -> None:
@@ -921,43 +918,7 @@ class SpoolHandler(Handler):
             future = writer.commit(envelope)  # type: ignore[attr-defined]
         except Exception as exc:
             return self._failed(session, exc)
-        runtime = _async_runtime()
-        if runtime == "asyncio":
-            return self._await_asyncio(session, envelope, future)
-        if runtime == "trio":
-            return self._await_trio(session, envelope, future)
-        return self._settle(session, envelope, future)
-
-    async def _await_asyncio(
-        self, session: Session, env: SpoolEnvelope, future: concurrent.futures.Future[str]
-    ) -> Reply:
-        loop = asyncio.get_running_loop()
-        wakeups = self._wakeups.get(loop)
-        if wakeups is None:
-            wakeups = self._wakeups[loop] = _Wakeups(loop.call_soon_threadsafe)
-        waiter = loop.create_future()
-
-        def ready() -> None:  # on the loop; the session may have been cancelled meanwhile
-            if not waiter.done():
-                waiter.set_result(None)
-
-        future.add_done_callback(lambda _: wakeups.add(ready))
-        await waiter  # cancelling the session does not cancel the commit
-        return self._settle(session, env, future)
-
-    async def _await_trio(
-        self, session: Session, env: SpoolEnvelope, future: concurrent.futures.Future[str]
-    ) -> Reply:
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-        wakeups = self._wakeups.get(token)
-        if wakeups is None:
-            wakeups = self._wakeups[token] = _Wakeups(token.run_sync_soon)
-        done = trio.Event()
-        future.add_done_callback(lambda _: wakeups.add(done.set))
-        await done.wait()
-        return self._settle(session, env, future)
+        return when_done(future, partial(self._settle, session, envelope))
 
     def _settle(
         self, session: Session, env: SpoolEnvelope, future: concurrent.futures.Future[str]
@@ -980,57 +941,3 @@ class SpoolHandler(Handler):
     def _failed(self, session: Session, exc: BaseException) -> Reply:
         log.error("%s could not store message: %s", session.id, exc)
         return Reply(code=451, text="4.3.0 Local error: message not stored, try again later")
-
-
-class _Wakeups:
-    """Runs callbacks on an event loop for the committer thread, with one wake-up of the loop
-    for all the callbacks that arrive before it runs them: a group commit releases many
-    sessions at once, and waking the loop once per message (a write to its self-pipe, an
-    extra loop iteration) cost more CPU than storing the message.
-
-    Args:
-        call_soon_threadsafe: the loop's thread-safe scheduler (asyncio's
-            ``loop.call_soon_threadsafe`` or trio's ``token.run_sync_soon``).
-    """
-
-    def __init__(self, call_soon_threadsafe: Callable[[Callable[[], None]], object]) -> None:
-        self._schedule = call_soon_threadsafe
-        self._lock = threading.Lock()
-        self._ready: list[Callable[[], None]] = []
-        self._scheduled = False
-
-    def add(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the loop soon (from any thread)."""
-        with self._lock:
-            self._ready.append(callback)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self._schedule(self._run)
-        except Exception:  # the loop is gone (closed asyncio loop, finished trio run)
-            with self._lock:
-                self._scheduled = False
-
-    def _run(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, []
-            self._scheduled = False
-        for callback in ready:
-            callback()
-
-
-def _async_runtime() -> str | None:
-    try:
-        asyncio.get_running_loop()
-        return "asyncio"
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-            return "trio"
-        except RuntimeError:
-            pass
-    return None

@@ -53,7 +53,6 @@ over ``period``; one RateLimiter is shared by every listener.  Over a limit MAIL
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import getpass
 import importlib
@@ -73,6 +72,7 @@ from typing import Any
 
 from mailwire.adapters._credentials import SCRYPT_LN, CredentialsFile, add_user, remove_user
 from mailwire.adapters._driver import BaseController, Session
+from mailwire.adapters._futures import when_done
 from mailwire.adapters._spool import STORE_FORMATS, SpoolError, SpoolHandler
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._errors import LocalProtocolError
@@ -352,60 +352,6 @@ def _auth_reply(
         return _AUTH_OK
     log.info("%s AUTH failed for %s from %s", session.id, shown, session.peer[0])
     return _AUTH_FAILED
-
-
-def when_done(
-    future: concurrent.futures.Future[Any],
-    then: Callable[[concurrent.futures.Future[Any]], Reply],
-) -> Any:
-    """``then(future)`` once ``future`` is done, in the form the driver accepts from a handler:
-    an awaitable on asyncio and trio (awaiting never blocks the event loop), else (threads)
-    the Reply itself after blocking this thread.  The driver takes Replies and awaitables, not
-    concurrent.futures.Future, hence this bridge."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return _when_done_asyncio(future, then)
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            return _when_done_trio(token, future, then)
-    concurrent.futures.wait([future])
-    return then(future)
-
-
-async def _when_done_asyncio(
-    future: concurrent.futures.Future[Any],
-    then: Callable[[concurrent.futures.Future[Any]], Reply],
-) -> Reply:
-    await asyncio.wait([asyncio.wrap_future(future)])
-    return then(future)
-
-
-async def _when_done_trio(
-    token: Any,
-    future: concurrent.futures.Future[Any],
-    then: Callable[[concurrent.futures.Future[Any]], Reply],
-) -> Reply:
-    import trio
-
-    done = trio.Event()
-
-    def wake(_: object) -> None:
-        try:
-            token.run_sync_soon(done.set)
-        except trio.RunFinishedError:
-            pass
-
-    future.add_done_callback(wake)
-    await done.wait()
-    return then(future)
 
 
 def _client(session: Session) -> str:
