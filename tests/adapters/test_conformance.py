@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import shutil
 import smtplib
 import socket
@@ -388,6 +389,28 @@ def test_stalled_data_gets_421_after_data_timeout(serve: Serve) -> None:
     assert raw.closed()
     raw.close()
     assert inbox.messages == []
+
+
+def test_data_phase_outlives_a_shorter_command_timeout(serve: Serve) -> None:
+    """The data phase has its own deadline: a body that pauses for longer than command_timeout
+    is still taken, and the command deadline applies again after its reply."""
+    inbox = Inbox()
+    config = ServerConfig(hostname="mx.test", command_timeout=0.2, data_timeout=30)
+    server = serve(inbox, config)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"HELO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    for code in (250, 250, 250, 354):
+        raw.expect(code)
+    raw.send(b"Subject: slow\r\n")
+    ready, _, _ = select.select([raw.sock], [], [], 0.6)  # three command timeouts, silent
+    assert not ready, raw.reply()
+    raw.send(b"\r\nbody\r\n.\r\n")
+    raw.expect(250)
+    assert raw.expect(421).startswith("4.4.2")  # idle between transactions: command timeout
+    assert raw.closed()
+    raw.close()
+    assert [m[0] for m in inbox.messages] == [b"Subject: slow\r\n\r\nbody\r\n"]
 
 
 def test_message_over_size_limit_gets_552(serve: Serve) -> None:
