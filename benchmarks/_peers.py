@@ -19,7 +19,9 @@ overrides the message hooks and collects the content (``mailwire-<runtime>-msg``
 application pays), and mailwire with the durable spool, fsync on:
 ``mailwire-spool-<runtime>`` with the one-file-per-message DirectoryStore,
 ``mailwire-log-<runtime>`` with the segment-log LogStore (adapters/_segstore.py); the spool
-directory is the optional DIR.
+directory is the optional DIR.  ``floor-<runtime>`` is not mailwire: a responder that parses
+nothing (_floor.py), each runtime's own cost per message; ``floor-<runtime>-work`` adds
+``MAILWIRE_FLOOR_WORK_US`` (default 12) microseconds of pure-Python work per read.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ NAMES = (
     *(f"mailwire-{r}-msg" for r in RUNTIMES),
     *(f"mailwire-spool-{r}" for r in RUNTIMES),
     *(f"mailwire-log-{r}" for r in RUNTIMES),
+    *(f"floor-{r}" for r in RUNTIMES),
+    *(f"floor-{r}-work" for r in RUNTIMES),
 )
 SENDER = "from@source.example"
 RECIPIENT = "to@sink.example"
@@ -443,6 +447,23 @@ def _time_engine(path: str) -> None:
     signal.signal(signal.SIGTERM, dump)
 
 
+def _profile(path: str) -> None:
+    """cProfile the server from SIGUSR1 (after a warm-up) to SIGTERM, then write the stats to
+    ``path`` (``python -m pstats PATH``).  Call counts are exact; times are inflated by the
+    profiler, more so for call-heavy code: compare runtimes by counts, not seconds."""
+    import cProfile
+
+    prof = cProfile.Profile()
+
+    def dump(*_: object) -> None:
+        prof.disable()
+        prof.dump_stats(path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, dump)
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+
+
 def _serve_mailwire(name: str, spool_dir: str | None) -> None:
     import importlib
 
@@ -498,8 +519,21 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "serve" or argv[1] not in NAMES or argv[1] == "smtp-sink":
         raise SystemExit("usage: _peers.py serve NAME [SPOOL_DIR]")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if os.environ.get("MAILWIRE_BENCH_PROFILE"):
+        _profile(os.environ["MAILWIRE_BENCH_PROFILE"])
     if argv[1] == "aiosmtpd":
         _serve_aiosmtpd()
+    elif argv[1].startswith("floor-"):
+        runtime, _, work = argv[1][6:].partition("-")
+        if work:  # Python work per read standing in for parsing (default: about mailwire's)
+            os.environ.setdefault("MAILWIRE_FLOOR_WORK_US", "12")
+        else:
+            os.environ["MAILWIRE_FLOOR_WORK_US"] = "0"
+        import _floor
+
+        sock = _listening_socket()
+        _announce(sock)
+        getattr(_floor, f"serve_{runtime}")(sock)
     else:
         _serve_mailwire(argv[1], argv[2] if len(argv) > 2 else None)
 

@@ -4,13 +4,19 @@ spool with fsync on (issue 6).
 
     python benchmarks/run_e2e.py [--repeat 3] [--scale 1.0] [--no-spool | --spool-only]
         [--spool-preallocate N] [--no-postfix] [--no-reuse] [--spool-dir DIR]
-        [--stores files,log] [--msg-all]
+        [--stores files,log] [--msg-all] [--floor]
 
 The discard table runs mailwire twice on asyncio: ``asyncio`` with the base Handler (the
 driver skips the message hooks it does not override: mailwire's floor) and ``asyncio-msg``
 with MessageHandler and a no-op callback (the hooks are called and the content is joined:
 what an application pays; compare it with aiosmtpd, whose handle_DATA gets the content too).
 ``--msg-all`` adds ``trio-msg`` and ``threads-msg``.
+
+``--floor`` adds each runtime's floor (_floor.py: a responder that parses nothing, its I/O
+done the way mailwire's adapter does it) bare and with 12 us of pure-Python work per read
+(about what mailwire's engine and driver spend): what the runtime itself costs, and how that
+grows when every read holds the GIL for a while.  Their ratios show which part of a
+runtime-to-runtime ratio belongs to the runtime and which to the adapter.
 
 Besides each server's CPU per message, the tables show smtp-source's own (user + system, from
 RUSAGE_CHILDREN): the load generator shares the 2 cores with the server under test.
@@ -42,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _peers import (  # noqa: E402
+    RUNTIMES,
     Peers,
     have_postfix,
     have_smtp_source,
@@ -79,6 +86,7 @@ SHORT = {
     "mailwire-log-asyncio": "log-asyncio",
     "mailwire-log-trio": "log-trio",
     "mailwire-log-threads": "log-threads",
+    **{f"floor-{r}{w}": f"floor-{r}{w}" for w in ("", "-work") for r in RUNTIMES},
     "postfix": "postfix",
 }
 
@@ -223,6 +231,11 @@ def main() -> None:
         help="MessageHandler peers on trio and threads too (default: asyncio only)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="add each runtime's floor: a responder that parses nothing (bare and with work)",
+    )
+    parser.add_argument(
         "--stores",
         default="files,log",
         help="spool backends in the durable table: files (DirectoryStore), log (LogStore)",
@@ -237,6 +250,8 @@ def main() -> None:
     names += ["mailwire-trio", "mailwire-threads", "mailwire-asyncio-msg"]
     if args.msg_all:
         names += ["mailwire-trio-msg", "mailwire-threads-msg"]
+    if args.floor:
+        names += [f"floor-{r}{w}" for w in ("", "-work") for r in RUNTIMES]
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs (shared with smtp-source), {platform.platform()}"
@@ -270,6 +285,12 @@ def main() -> None:
                 ("asyncio-msg/asyncio", "mailwire-asyncio-msg", "mailwire-asyncio"),
                 ("asyncio-msg/aiosmtpd", "mailwire-asyncio-msg", "aiosmtpd"),
             ]
+            if args.floor:
+                ratios += [
+                    (f"floor{w} {r}/asyncio", f"floor-{r}{w}", f"floor-asyncio{w}")
+                    for w in ("", "-work")
+                    for r in ("trio", "threads")
+                ]
             print("\n## discard handler (targets: asyncio >= 2.5x aiosmtpd; trio, threads >= 0.8x")
             print("## asyncio; uvloop >= 0.8x smtp-sink on 1 KB); *-msg: MessageHandler with a")
             print("## no-op callback (the message hooks run, the content is collected)\n")

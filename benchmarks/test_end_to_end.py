@@ -27,6 +27,10 @@ SERVERS = [
     "mailwire-trio",
     "mailwire-threads",
     "mailwire-asyncio-msg",  # MessageHandler: the message hooks run (the others skip them)
+    # not mailwire: each runtime's floor, a responder that parses nothing (_floor.py)
+    "floor-asyncio",
+    "floor-trio",
+    "floor-threads-work",
 ]
 # (payload octets, sessions, messages)
 CASES = {
