@@ -29,6 +29,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, cast
 
@@ -59,6 +60,15 @@ _CLOSE_WAIT = 1.0  # how long a closing TLS transport waits for the peer's close
 # fault per 4 KiB (100 KB messages: 13 faults per message with 256 KiB, <1 with 64 KiB).
 READ_SIZE = 64 * 1024
 
+
+
+def _clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The loop's clock: ``time.monotonic`` itself when the loop keeps asyncio's own time()
+    (the driver reads it on every read and reply; loop.time() is one Python call more),
+    else the loop's (uvloop's is its own)."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 class _Server:
     def __init__(
@@ -178,7 +188,7 @@ class _Connection(asyncio.BufferedProtocol):
             server.handler,
             self.config,
             session,
-            clock=self.loop.time,
+            clock=_clock(self.loop),
             logger=log,
             sleep=asyncio.sleep,
         )
