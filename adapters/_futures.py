@@ -12,13 +12,15 @@
 # not cancel the work: a commit that finishes is still a stored message.
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # asyncio and trio are looked up when called: importing loads neither
+    import asyncio
 
 T = TypeVar("T")
 
@@ -86,12 +88,14 @@ def when_done(
         An awaitable of ``then(future)`` when called on a running asyncio loop or trio run;
         else ``then(future)`` itself, after blocking this thread until ``future`` is done.
     """
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return _on_asyncio(loop, future, then)
+    aio = sys.modules.get("asyncio")  # not imported: no asyncio loop can be running
+    if aio is not None:
+        try:
+            loop = aio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return _on_asyncio(loop, future, then)
     trio = sys.modules.get("trio")
     if trio is not None:
         try:

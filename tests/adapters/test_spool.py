@@ -543,3 +543,67 @@ def test_preallocated_files_are_used_and_never_listed(tmp_path: Path) -> None:
     with DirectoryStore(tmp_path, preallocate=3) as s:  # reopened: the pool is found again
         assert len(os.listdir(s.free_dir)) == 3
         assert s.recover() == [queue_id]
+
+
+# --- the public module ----------------------------------------------------------------------
+
+
+def test_public_spool_module_exports_the_stores_and_the_handler() -> None:
+    import mailwire.adapters._segstore as segstore
+    import mailwire.adapters._spool as spool_impl
+    import mailwire.adapters.spool as public
+
+    assert sorted(public.__all__) == [
+        "DirectoryStore",
+        "LogStore",
+        "MessageStore",
+        "MessageWriter",
+        "SpoolEnvelope",
+        "SpoolError",
+        "SpoolHandler",
+        "StoredMessage",
+        "detect_format",
+        "open_store",
+    ]
+    for name in public.__all__:
+        origin = segstore if name == "LogStore" else spool_impl
+        assert getattr(public, name) is getattr(origin, name), name
+
+
+def test_importing_the_spool_loads_no_event_loop_library() -> None:
+    code = (
+        "import sys, mailwire.adapters.spool; "
+        "print(sorted(m for m in ('asyncio', 'trio', 'anyio') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_spool_handler_on_asyncio_imported_after_the_spool(tmp_path: Path) -> None:
+    """when_done() finds the running asyncio loop although asyncio was imported after it."""
+    code = textwrap.dedent(
+        """
+        import smtplib, sys
+        from mailwire.adapters.spool import SpoolHandler
+        from mailwire.adapters.asyncio import Controller
+        from mailwire.protocol import ServerConfig
+        handler = SpoolHandler(sys.argv[1], store_format="log")
+        with Controller(handler, ServerConfig(hostname="mx.test")) as server:
+            with smtplib.SMTP(*server.addresses[0], timeout=10) as client:
+                body = b"Subject: x\\r\\n\\r\\nhi\\r\\n"
+                client.sendmail("a@example.org", ["b@example.net"], body)
+        ids = handler.store.list()
+        print(len(ids), handler.store.get(ids[0]).content)
+        handler.close()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "spool")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert out.strip() == "1 b'Subject: x\\r\\n\\r\\nhi\\r\\n'"
