@@ -578,6 +578,7 @@ class AgentCore:
             queue_id=queue_id,
             hostname=self.config.hostname,
             arrival=env.arrival,
+            add_missing_headers=self.config.add_missing_headers,
         )
         results: list[WalkResult] = []
         handoffs: dict[str, Handoff] = {}  # how each delivered recipient left (RFC 3461 4.2)

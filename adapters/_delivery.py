@@ -94,6 +94,7 @@ from mailwire.protocol._routing import (
     Target,
     WalkResult,
 )
+from mailwire.protocol._submission import missing_fields
 from mailwire.protocol._trace import (
     DEFAULT_MAX_RECEIVED,
     TraceInfo,
@@ -144,6 +145,8 @@ class DeliveryConfig:
             oldest is closed to make room).
         connection_reuse_limit: transactions a session carries after its first at most;
             then it ends with QUIT.
+        add_missing_headers: give a message from an authenticated client the Date and
+            Message-ID fields it lacks as it leaves (RFC 6409 8.2, 8.3; see with_received).
     """
 
     hostname: str = "localhost"
@@ -163,6 +166,7 @@ class DeliveryConfig:
     connection_cache_time: float = 2.0
     connection_cache_size: int = 32
     connection_reuse_limit: int = 100
+    add_missing_headers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("connection_cache_time", "connection_cache_size", "connection_reuse_limit"):
@@ -495,17 +499,25 @@ def with_received(
     queue_id: str,
     hostname: str,
     arrival: float,
+    add_missing_headers: bool = False,
 ) -> bytes:
     """Prepend the Received field of the hop that accepted the message (RFC 5321 4.4: the
-    server "MUST insert trace ... information at the beginning of the message content").
+    server "MUST insert trace ... information at the beginning of the message content"), and
+    for a submitted message the Date and Message-ID it lacks (RFC 6409 8.2, 8.3).
 
     The spool stores the content as received; the agent adds the trace field when the message
     leaves (relay or final delivery), from the facts the spool kept.  A message without a peer
     (generated here: a bounce) gets none.  ``for`` names the recipient only when there is
-    exactly one (RFC 5321 7.2: listing several would leak Bcc recipients).
+    exactly one (RFC 5321 7.2: listing several would leak Bcc recipients).  With
+    ``add_missing_headers`` and an ``authenticated`` client, protocol/_submission.py's
+    missing_fields() follow the Received field: the Date of the arrival, the Message-ID
+    ``<queue_id@hostname>`` (the same on every attempt and after a restart).
     """
     if not peer:
         return content
+    added = b""
+    if add_missing_headers and authenticated:
+        added = missing_fields(content, arrival=arrival, queue_id=queue_id, hostname=hostname)
     try:
         header = received_header(
             TraceInfo(
@@ -519,8 +531,8 @@ def with_received(
             )
         )
     except (ValueError, LocalProtocolError):
-        return content
-    return header + content
+        return added + content
+    return header + added + content
 
 
 def loop_reply(content: bytes, *, limit: int = DEFAULT_MAX_RECEIVED) -> Reply | None:

@@ -32,6 +32,8 @@ TOML keys (all optional)::
     submission_implicit_tls = false  # the submission listener speaks TLS first (port 465)
     allow_plaintext_auth = false     # offer AUTH without TLS (tests on loopback only)
     auth_failure_delay = 1.0         # seconds before a failed AUTH is answered
+    add_missing_headers = true       # mail from authenticated clients gets the Date and
+                                     # Message-ID it lacks as it leaves (RFC 6409 8.2, 8.3)
 
     [limits]                         # sender limits; none by default (choose your own)
     period = 3600                    # seconds, for the tables below that give none
@@ -109,6 +111,7 @@ class Settings:
     submission_implicit_tls: bool = False
     allow_plaintext_auth: bool = False
     auth_failure_delay: float = 1.0
+    add_missing_headers: bool = True
     limits: dict[str, Any] = field(default_factory=dict)  # the [limits] table
 
     def update(self, values: dict[str, Any], origin: str) -> None:
@@ -542,6 +545,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--submission-implicit-tls", action="store_true", default=None)
     add("--allow-plaintext-auth", action="store_true", default=None)
     add("--auth-failure-delay", type=float, metavar="SECONDS")
+    add("--no-add-missing-headers", dest="add_missing_headers", action="store_false",
+        default=None, help="leave submitted mail without Date or Message-ID as it is")  # fmt: skip
     add("--limit", dest="limits", action="append", metavar="KEY=NUMBER",
         help="sender limit, e.g. per_client.messages=100 (repeatable)")  # fmt: skip
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -355,6 +355,7 @@ class MTA:
             connection_cache_time=d.connection_cache_time,
             connection_cache_size=d.connection_cache_size,
             connection_reuse_limit=d.connection_reuse_limit,
+            add_missing_headers=self.settings.add_missing_headers,
         )
 
     def start(self) -> None:
