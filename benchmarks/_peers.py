@@ -48,6 +48,7 @@ NAMES = (
     "mailwire-asyncio-uvloop",
     "mailwire-trio",
     "mailwire-threads",
+    "mailwire-threads-unpinned",
     *(f"mailwire-{r}-msg" for r in RUNTIMES),
     *(f"mailwire-spool-{r}" for r in RUNTIMES),
     *(f"mailwire-log-{r}" for r in RUNTIMES),
@@ -510,8 +511,9 @@ def _serve_mailwire(name: str, spool_dir: str | None) -> None:
         import trio
 
         trio.run(lambda: adapter.serve(handler, config, sockets=[sock]))
-    else:
-        adapter.serve(handler, config, sockets=[sock])
+    else:  # session threads share one CPU unless "-unpinned" (adapters/threads.py)
+        pin = not name.endswith("-unpinned")
+        adapter.serve(handler, config, sockets=[sock], pin_sessions=pin)
 
 
 def main(argv: list[str]) -> None:

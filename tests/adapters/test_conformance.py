@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import shutil
 import smtplib
@@ -725,3 +726,38 @@ def test_slow_handler_pushes_back_on_a_fast_client(serve: Serve, runtime: str) -
     raw.close()
     [(data, _)] = handler.messages
     assert len(data) == sent + rest and data.endswith(line)
+
+
+# --- threads: session threads share one CPU ------------------------------------------------
+
+
+class _Affinity(Handler):
+    def __init__(self) -> None:
+        self.seen: list[set[int]] = []
+
+    def on_message_end(self, session: Session) -> Reply:
+        self.seen.append(os.sched_getaffinity(0))  # the session's own thread
+        return Reply(code=250, text="2.0.0 ok")
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a process allowed on two CPUs or more",
+)
+@pytest.mark.parametrize("pin", [True, False])
+def test_threads_sessions_share_one_cpu_unless_told_not_to(pin: bool) -> None:
+    from mailwire.adapters import threads
+
+    handler = _Affinity()
+    config = ServerConfig(hostname="mx.test")
+    with threads.Controller(handler, config, pin_sessions=pin) as server:
+        for _ in range(3):
+            with smtp(server.addresses[0]) as client:
+                client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    assert len(handler.seen) == 3
+    if pin:
+        assert len(handler.seen[0]) == 1
+        assert handler.seen[0] <= os.sched_getaffinity(0)
+        assert all(cpus == handler.seen[0] for cpus in handler.seen)
+    else:
+        assert all(cpus == os.sched_getaffinity(0) for cpus in handler.seen)
