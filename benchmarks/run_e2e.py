@@ -10,7 +10,9 @@ The discard table runs mailwire twice on asyncio: ``asyncio`` with the base Hand
 driver skips the message hooks it does not override: mailwire's floor) and ``asyncio-msg``
 with MessageHandler and a no-op callback (the hooks are called and the content is joined:
 what an application pays; compare it with aiosmtpd, whose handle_DATA gets the content too).
-``--msg-all`` adds ``trio-msg`` and ``threads-msg``.
+``--msg-all`` adds ``trio-msg`` and ``threads-msg``.  ``threads-unpinned`` is the threads
+adapter with ``pin_sessions=False`` (its session threads spread over the cores; see
+adapters/threads.py for why they share one by default).
 
 ``--floor`` adds each runtime's floor (_floor.py: a responder that parses nothing, its I/O
 done the way mailwire's adapter does it) bare and with 12 us of pure-Python work per read
@@ -77,6 +79,7 @@ SHORT = {
     "mailwire-asyncio-uvloop": "uvloop",
     "mailwire-trio": "trio",
     "mailwire-threads": "threads",
+    "mailwire-threads-unpinned": "threads-unpinned",
     "mailwire-asyncio-msg": "asyncio-msg",
     "mailwire-trio-msg": "trio-msg",
     "mailwire-threads-msg": "threads-msg",
@@ -247,7 +250,8 @@ def main() -> None:
     names = ["smtp-sink", "aiosmtpd", "mailwire-asyncio"]
     if have_uvloop():
         names.append("mailwire-asyncio-uvloop")
-    names += ["mailwire-trio", "mailwire-threads", "mailwire-asyncio-msg"]
+    names += ["mailwire-trio", "mailwire-threads", "mailwire-threads-unpinned"]
+    names.append("mailwire-asyncio-msg")
     if args.msg_all:
         names += ["mailwire-trio-msg", "mailwire-threads-msg"]
     if args.floor:
@@ -274,6 +278,7 @@ def main() -> None:
                 ("asyncio/aiosmtpd", "mailwire-asyncio", "aiosmtpd"),
                 ("trio/asyncio", "mailwire-trio", "mailwire-asyncio"),
                 ("threads/asyncio", "mailwire-threads", "mailwire-asyncio"),
+                ("unpinned/asyncio", "mailwire-threads-unpinned", "mailwire-asyncio"),
             ]
             if "mailwire-asyncio-uvloop" in names:
                 ratios += [
