@@ -40,6 +40,8 @@ def test_rfc_4013_section_3_errors(text: str, reason: str, allow_unassigned: boo
 def test_non_ascii_spaces_become_ascii_spaces() -> None:
     # C.1.2: NO-BREAK SPACE, EN QUAD, IDEOGRAPHIC SPACE, NARROW NO-BREAK SPACE
     assert saslprep("a\u00a0b\u2000c\u3000d\u202fe", allow_unassigned=False) == "a b c d e"
+    # OGHAM SPACE MARK has no compatibility decomposition: only the mapping makes it a space
+    assert saslprep("a\u1680b", allow_unassigned=False) == "a b"
     # ZERO WIDTH SPACE is in both C.1.2 and B.1: mapped to nothing, as other SASLprep
     # implementations do (pymongo, passlib)
     assert saslprep("a\u200bb", allow_unassigned=False) == "ab"
