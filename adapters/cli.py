@@ -9,6 +9,8 @@ gracefully: it stops accepting and lets transactions in progress finish within `
 TOML keys (all optional)::
 
     runtime = "asyncio"              # or "trio", "threads"
+    pin_session_threads = true       # threads: session threads share one CPU (the GIL
+                                     # hand-offs between cores cost more than they give)
     listen = ["127.0.0.1:2525", "[::1]:2525"]
     hostname = "mx.example.org"
     spool = "./spool"
@@ -101,6 +103,7 @@ class Settings:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
     max_connections: int = 1000
+    pin_session_threads: bool = True
     command_timeout: float = 300.0
     data_timeout: float = 180.0
     grace: float = 30.0
@@ -487,6 +490,7 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
     handler.limiter = None if limits is None else RateLimiter(limits)  # type: ignore[attr-defined]
     handler.lock = threading.Lock()  # type: ignore[attr-defined]
     module = importlib.import_module(f"mailwire.adapters.{settings.runtime}")
+    extra = {"pin_sessions": settings.pin_session_threads} if settings.runtime == "threads" else {}
     controller: BaseController = module.Controller(
         handler,
         config,
@@ -494,6 +498,7 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
         tls_context=tls,
         implicit_tls=settings.implicit_tls,
         max_connections=settings.max_connections,
+        **extra,
     )
     if not submission_listen:
         return controller, settings
@@ -504,6 +509,7 @@ def build(settings: Settings) -> tuple[BaseController, Settings]:
         tls_context=tls,
         implicit_tls=settings.submission_implicit_tls,
         max_connections=settings.max_connections,
+        **extra,
     )
     return Listeners([controller, second]), settings
 
@@ -535,6 +541,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-message-size", type=int, metavar="OCTETS")
     add("--max-recipients", type=int)
     add("--max-connections", type=int)
+    add("--no-pin-session-threads", dest="pin_session_threads", action="store_false",
+        default=None, help="threads runtime: let session threads run on every CPU")  # fmt: skip
     add("--command-timeout", type=float, metavar="SECONDS")
     add("--data-timeout", type=float, metavar="SECONDS")
     add("--grace", type=float, metavar="SECONDS")

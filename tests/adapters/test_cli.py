@@ -338,6 +338,24 @@ def test_credentials_alone_offer_auth_on_the_main_listener(tmp_path: Path) -> No
         controller.handler.close()
 
 
+@pytest.mark.parametrize("pinned", [True, False])
+def test_threads_runtime_pins_session_threads_unless_told_not_to(
+    tmp_path: Path, pinned: bool
+) -> None:
+    option = [] if pinned else ["--no-pin-session-threads"]
+    given = vars(cli._parser().parse_args(["serve", *option]))["pin_session_threads"]
+    assert given is (None if pinned else False)  # None: the setting's default, True
+    settings = cli.Settings(spool=str(tmp_path / "spool"), runtime="threads")
+    if given is not None:
+        settings.update({"pin_session_threads": given}, "options")
+    controller, _ = cli.build(settings)
+    try:
+        assert controller.options["pin_sessions"] is pinned
+    finally:
+        assert isinstance(controller.handler, SpoolHandler)
+        controller.handler.close()
+
+
 # --- mailwire passwd --------------------------------------------------------------------------
 
 
