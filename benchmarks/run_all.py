@@ -8,8 +8,8 @@ Runs, one after the other (never in parallel: the machines have 2 shared cores):
 2. test_client.py     -- the client engine vs smtplib / aiosmtplib
 3. test_queue.py      -- the queue scheduler (schedule + complete on 100,000 messages)
 4. run_e2e.py         -- over loopback with Postfix's smtp-source vs aiosmtpd and smtp-sink,
-                         and durable acceptance vs a private Postfix (skipped, saying so,
-                         when smtp-source is not installed)
+                         each runtime's floor (--floor), and durable acceptance vs a private
+                         Postfix (skipped, saying so, when smtp-source is not installed)
 5. run_delivery.py    -- the delivery agents, connection reuse on vs off, to one loopback MX
                          (smtp-sink when installed, else mailwire's threads server)
 
@@ -53,7 +53,7 @@ def machine() -> str:
 
 def sections(quick: bool) -> list[tuple[str, list[str]]]:
     py = sys.executable
-    e2e = [py, os.path.join(HERE, "run_e2e.py"), "--repeat", "1" if quick else "5"]
+    e2e = [py, os.path.join(HERE, "run_e2e.py"), "--repeat", "1" if quick else "5", "--floor"]
     if quick:
         e2e += ["--scale", "0.2", "--no-postfix"]
     out = [
