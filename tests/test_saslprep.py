@@ -119,7 +119,7 @@ def test_empty_string_and_string_mapped_to_nothing_are_empty() -> None:
 _PRINTABLE_ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(text=_PRINTABLE_ASCII)
 def test_printable_ascii_is_unchanged(text: str) -> None:
     assert saslprep(text, allow_unassigned=False) == text
@@ -127,7 +127,7 @@ def test_printable_ascii_is_unchanged(text: str) -> None:
     assert saslprep(text + "\u00ad", allow_unassigned=False) == text
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(text=st.text(max_size=30), allow_unassigned=st.booleans())
 def test_saslprep_is_idempotent(text: str, allow_unassigned: bool) -> None:
     try:
@@ -138,7 +138,7 @@ def test_saslprep_is_idempotent(text: str, allow_unassigned: bool) -> None:
     assert saslprep(once, allow_unassigned=allow_unassigned) == once
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(text=st.text(st.characters(codec="utf-8"), max_size=30))
 def test_queries_accept_whatever_stored_strings_accept(text: str) -> None:
     try:
@@ -149,7 +149,7 @@ def test_queries_accept_whatever_stored_strings_accept(text: str) -> None:
     assert saslprep(text, allow_unassigned=True) == stored
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     text=st.text(
         st.characters(categories=["Lu", "Ll", "Lo", "Nd", "Zs", "Mn", "Cf", "Cc"]), max_size=20
