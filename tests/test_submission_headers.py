@@ -99,6 +99,9 @@ def test_a_line_that_is_not_a_field_ends_the_header_section() -> None:
     assert added(content) == DATE + MSGID
     assert added(b"Subject: s\r\n: no name\r\nDate: x\r\n") == DATE + MSGID
     assert added(b"Subject: s\r\nDa te: x\r\n") == DATE + MSGID
+    # RFC 5322 3.6.8: a field name is printable US-ASCII (no controls, no 8-bit octets)
+    assert added("Subject: s\r\nSübject: x\r\nDate: x\r\n".encode()) == DATE + MSGID
+    assert added(b"Subject: s\r\nSub\x7fject: x\r\nDate: x\r\n") == DATE + MSGID
 
 
 def test_an_mbox_from_line_means_there_is_no_header_section() -> None:

@@ -25,6 +25,7 @@ from mailwire.adapters import cli
 from mailwire.adapters._credentials import add_user
 from mailwire.adapters._driver import BaseController
 from mailwire.adapters._spool import SpoolHandler
+from mailwire.protocol._trace import parse_date
 
 USER, PASSWORD = "alice@example.org", "correct horse"
 MESSAGE = b"From: alice@example.org\r\nSubject: submitted\r\n\r\nhello\r\n"
@@ -403,3 +404,122 @@ def test_the_mta_takes_submitted_mail_through_the_shared_handler(
         assert any(b"submitted" in p.read_bytes() for p in maildir.rglob("*") if p.is_file())
     finally:
         mta.stop()
+
+
+# --- Date and Message-ID added to submitted mail (RFC 6409 8.2, 8.3) ---------------------------
+
+BARE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: bare\r\n\r\nhello\r\n"
+DATED = (
+    b"From: alice@example.org\r\nDate: Mon, 02 Nov 2026 10:00:00 +0100\r\n"
+    b"Message-ID: <own.id@client.example>\r\nSubject: dated\r\n\r\nhello\r\n"
+)
+# what Maildir and the agent put in front: Return-Path, Delivered-To, one folded Received
+TRACE = re.compile(
+    rb"Return-Path: <[^>\r\n]*>\r\nDelivered-To: [^\r\n]+\r\n"
+    rb"(Received: [^\r\n]*(?:\r\n\t[^\r\n]*)*; ?(?:\r\n\t)?([^\r\n;]+)\r\n)"
+)
+
+
+def _queued(client: smtplib.SMTP, sender: str, rcpt: str, content: bytes) -> str:
+    """Send one message; the queue id of its ``250 ... queued as ID``."""
+    assert client.mail(sender)[0] == 250
+    assert client.rcpt(rcpt)[0] == 250
+    code, reply = client.data(content)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def _mailbox(maildir: Path, user: str) -> bytes:
+    """The one message delivered to ``user@example.org`` (waited for, bounded)."""
+    new = maildir / "example.org" / user / "new"
+    tick = threading.Event()
+    for _ in range(750):  # bounded wait for the delivery agent; no timing asserted
+        if new.is_dir() and any(new.iterdir()):
+            break
+        tick.wait(0.02)
+    (path,) = new.iterdir()
+    return path.read_bytes()
+
+
+def _split(delivered: bytes, original: bytes) -> tuple[bytes, str, bytes]:
+    """(Received field, its date, what came between it and the original content)."""
+    assert delivered.endswith(original)
+    match = TRACE.match(delivered)
+    assert match is not None, delivered
+    assert match.end() <= len(delivered) - len(original)
+    return match.group(1), match.group(2).decode(), delivered[match.end() : -len(original)]
+
+
+def _mta(
+    tmp_path: Path, users: str, cert_file: str, runtime: str = "asyncio", **values: Any
+) -> Any:
+    from mailwire.adapters.mta import MTA, DeliverySettings
+
+    settings = cli.Settings(
+        runtime=runtime, listen=["127.0.0.1:0"], hostname="mx.test", spool=str(tmp_path / "q"),
+        relay_networks=[], local_domains=["example.org"], credentials=users,
+        submission_listen=["127.0.0.1:0"], tls_cert=cert_file, tls_key=cert_file,
+        auth_failure_delay=0.0, **values,
+    )  # fmt: skip
+    delivery = DeliverySettings(maildir=str(tmp_path / "mail"), control_socket="-")
+    return MTA(settings, delivery, fsync=False)
+
+
+def test_submitted_mail_leaves_with_the_date_and_message_id_it_lacks(
+    runtime: str, tmp_path: Path, users: str, cert_file: str, client_tls: ssl.SSLContext
+) -> None:
+    mta = _mta(tmp_path, users, cert_file, runtime)
+    mta.start()
+    try:
+        main, submission = mta.addresses
+        with smtp(submission) as client:
+            client.starttls(context=client_tls)
+            client.login(USER, PASSWORD)
+            bare_id = _queued(client, USER, "bob@example.org", BARE)
+            _queued(client, USER, "carol@example.org", DATED)
+        with smtp(main) as client:  # port 25, not authenticated: left as it is
+            client.ehlo()
+            _queued(client, "someone@remote.test", "dave@example.org", BARE)
+        maildir = tmp_path / "mail"
+        received, date, added = _split(_mailbox(maildir, "bob"), BARE)
+        assert b"with ESMTPSA" in received and f"id {bare_id}".encode() in received
+        # Received first, then Date (the arrival, as in the Received field), then Message-ID
+        assert added == f"Date: {date}\r\nMessage-ID: <{bare_id}@mx.test>\r\n".encode()
+        assert parse_date(date) is not None
+        received, _, added = _split(_mailbox(maildir, "carol"), DATED)
+        assert b"with ESMTPSA" in received and added == b""
+        received, _, added = _split(_mailbox(maildir, "dave"), BARE)
+        assert b"with ESMTP " in received and added == b""
+    finally:
+        mta.stop()
+
+
+def test_with_add_missing_headers_off_submitted_mail_is_left_as_it_is(
+    tmp_path: Path, users: str, cert_file: str, client_tls: ssl.SSLContext
+) -> None:
+    mta = _mta(tmp_path, users, cert_file, add_missing_headers=False)
+    mta.start()
+    try:
+        with smtp(mta.addresses[1]) as client:
+            client.starttls(context=client_tls)
+            client.login(USER, PASSWORD)
+            _queued(client, USER, "bob@example.org", BARE)
+        received, _, added = _split(_mailbox(tmp_path / "mail", "bob"), BARE)
+        assert b"with ESMTPSA" in received and added == b""
+    finally:
+        mta.stop()
+
+
+def test_add_missing_headers_is_on_by_default_and_off_by_option_or_file(tmp_path: Path) -> None:
+    from mailwire.adapters.mta import MTA
+
+    assert cli.Settings().add_missing_headers is True
+    assert MTA(cli.Settings()).delivery_config("mx.test").add_missing_headers is True
+    options = vars(cli._parser().parse_args(["serve", "--no-add-missing-headers"]))
+    assert options["add_missing_headers"] is False
+    assert vars(cli._parser().parse_args(["serve"]))["add_missing_headers"] is None  # no say
+    settings = cli.Settings()
+    settings.update({"add_missing_headers": False}, "mailwire.toml")
+    assert MTA(settings).delivery_config("mx.test").add_missing_headers is False
+    with pytest.raises(ValueError, match="true or false"):
+        settings.update({"add_missing_headers": "no"}, "mailwire.toml")
