@@ -12,14 +12,31 @@
 # (so it cannot contain ":"; it may be an address).  Lines that do not parse are skipped with
 # a warning naming the line number (never its content).  A later line for the same user
 # replaces an earlier one.  ``add_user``/``remove_user`` (``mailwire passwd``) are the
-# intended way to edit it.
+# intended way to edit it; another tool that edits it should hold the same lock (below).
 #
 # Strategy.  scrypt (RFC 7914, hashlib.scrypt) is memory-hard: ln=14, r=8 takes 16 MiB and
 # ~30-50 ms of CPU per check, which makes an offline dictionary attack on a stolen file
 # expensive.  The costs are stored per line, so they can be raised later without
-# invalidating existing entries.  Passwords and user names are compared as UTF-8 text
-# exactly as received: SASLprep (RFC 4013) normalisation is out of scope, so a user must
-# type the password in the same Unicode normalisation form it was set with.
+# invalidating existing entries.
+#
+# SASLprep.  User names and passwords are prepared with SASLprep (RFC 4013,
+# protocol/_saslprep.py) before they are hashed or stored (add_user: as "stored strings",
+# code points unassigned in Unicode 3.2 refused) and before they are checked (verify: as
+# "queries", unassigned code points allowed), as RFC 4616 2 requires for PLAIN; LOGIN gets
+# the same.  So "I\u00adX", "\u2168" and "IX" are one user name, and a password typed
+# decomposed (NFD) matches one set composed.  No case folding: "Bob" and "bob" differ.
+#   Compatibility fallbacks.  Files written before SASLprep hold names and hashes of the raw
+# strings.  For printable ASCII SASLprep is the identity, so nothing changes there.  For the
+# rest: (1) a stored name is looked up under its prepared form too, so "jo\u0308rg" in the
+# file is found when "j\u00f6rg" logs in (an exact prepared name wins over such an alias);
+# (2) when the hash does not match the prepared password and the password as received
+# differs from it, the raw password is tried as well -- without this, a user whose old
+# non-ASCII password was hashed raw would be locked out until an admin reset it.  That
+# second try is one more scrypt, which an unknown user pays too (two dummy hashes), so the
+# response time still does not tell which user names exist.  A password or name that
+# SASLprep prohibits at AUTH time simply fails (one dummy hash, then 535), never an error:
+# an old password that SASLprep now prohibits (a control character, a bidi violation) has
+# to be set again.  add_user() rewrites an old unprepared line of the same user in place.
 #
 # Invariants.
 #   * The file never holds a password, only (salt, scrypt(password, salt)).
@@ -34,8 +51,14 @@
 #     hashes are salted and slow, and refusing to start would turn a permission slip into an
 #     outage.  add_user() always writes mode 0600.
 #   * add_user() replaces the file atomically: a temporary file in the same directory,
-#     written, fsync()ed, renamed over the old one, then the directory fsync()ed.  Two
-#     add_user() runs at the same moment may lose one update (no locking).
+#     written, fsync()ed, renamed over the old one, then the directory fsync()ed.
+#   * Read-modify-write is serialized: add_user()/remove_user() hold an exclusive
+#     fcntl.flock() on ``FILE.lock`` (created 0600 next to the file, never deleted -- deleting
+#     a lock file lets two writers lock different inodes) from before they read the file
+#     until after the rename, so two ``mailwire passwd`` runs at the same moment both land.
+#     The data file itself is not locked: each rename replaces its inode.  Readers
+#     (CredentialsFile) take no lock: the rename is atomic, they see the old or the new file.
+#     The scrypt hash is computed before the lock is taken (it is the slow part).
 #
 # Event loops.  A check costs tens of milliseconds of CPU, far too long for an asyncio or
 # trio event loop.  submit() runs verify() on a small thread pool (hashlib.scrypt releases
@@ -46,6 +69,8 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -53,7 +78,10 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from mailwire.protocol._saslprep import SASLprepError, saslprep
 
 log = logging.getLogger("mailwire.adapters.credentials")
 
@@ -63,6 +91,7 @@ SCRYPT_P = 1
 SALT_BYTES = 16
 HASH_BYTES = 32
 _PREFIX = "$scrypt$"
+_LOCK_SUFFIX = ".lock"  # FILE.lock: the lock add_user()/remove_user() hold while editing FILE
 _HEADER = """\
 # mailwire credentials: one user per line, "user:$scrypt$ln=N,r=R,p=P$<salt>$<hash>"
 # (salted scrypt hashes, base64; never passwords).  Edit with: mailwire passwd FILE USER
@@ -149,6 +178,40 @@ def _b64d(text: str) -> bytes:
         raise ValueError("bad base64") from None
 
 
+def _query_form(text: str) -> str | None:
+    """SASLprep as a query (the AUTH side), or None if SASLprep prohibits ``text``."""
+    try:
+        return saslprep(text, allow_unassigned=True)
+    except SASLprepError:
+        return None
+
+
+def _stored_name(user: str) -> str:
+    """``user`` as add_user() stores it: SASLprep'd as a stored string, then checked."""
+    try:
+        name = saslprep(user, allow_unassigned=False)
+    except SASLprepError as exc:
+        shown = f" (U+{ord(exc.code_point):04X})" if exc.code_point is not None else ""
+        raise ValueError(
+            f"SASLprep (RFC 4013) prohibits this user name: it {exc.reason}{shown}"
+        ) from None
+    check_user_name(name)
+    return name
+
+
+def _stored_password(password: str) -> str:
+    """``password`` as add_user() hashes it; errors never show any of its characters."""
+    if not password:
+        raise ValueError("the password must not be empty")
+    try:
+        prepared = saslprep(password, allow_unassigned=False)
+    except SASLprepError as exc:
+        raise ValueError(f"SASLprep (RFC 4013) prohibits this password: it {exc.reason}") from None
+    if not prepared:
+        raise ValueError("the password is empty after SASLprep (RFC 4013)")
+    return prepared
+
+
 def hash_password(
     password: str,
     *,
@@ -160,7 +223,8 @@ def hash_password(
     """Hash a password for the credentials file.
 
     Args:
-        password: the password (hashed as UTF-8).
+        password: the password, hashed as UTF-8 exactly as given (add_user() applies
+            SASLprep before it calls this).
         salt: the salt; default SALT_BYTES fresh bytes from os.urandom.
         ln: log2 of the scrypt cost N (default 14; tests use ~4).
         r: scrypt block size.
@@ -182,6 +246,8 @@ def hash_password(
 
 def verify_password(password: str, encoded: str) -> bool:
     """True if ``password`` matches ``encoded`` (a hash_password() result).
+
+    The password is compared exactly as given (no SASLprep: CredentialsFile.verify does that).
 
     Raises:
         ValueError: ``encoded`` is not a valid hash.
@@ -250,6 +316,7 @@ class CredentialsFile:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._entries: dict[str, ScryptHash] = {}
+        self._lookup: dict[str, ScryptHash] = {}  # by SASLprep'd name (see _lookup_table)
         self._dummy = ScryptHash(
             ln=SCRYPT_LN, r=SCRYPT_R, p=SCRYPT_P, salt=os.urandom(SALT_BYTES),
             digest=os.urandom(HASH_BYTES),
@@ -265,16 +332,27 @@ class CredentialsFile:
         return frozenset(self._entries)
 
     def verify(self, user: str, password: str) -> bool:
-        """True if ``user`` exists and ``password`` is theirs.  Blocks for one scrypt.
+        """True if ``user`` exists and ``password`` is theirs.  Blocks for one scrypt (two
+        for a wrong password that SASLprep changes: the raw form is tried too).
 
-        An unknown user costs the same scrypt (against a dummy hash) and returns False.
+        Both are prepared with SASLprep (RFC 4013) as queries first; either one being
+        prohibited makes it False.  An unknown user costs the same scrypt work (against a
+        dummy hash) and returns False.
         """
         self._refresh()
-        entry = self._entries.get(user)
-        if entry is None:
-            self._dummy.matches(password)
+        name = _query_form(user)
+        entry = self._lookup.get(name) if name is not None else None
+        prepared = _query_form(password)
+        if prepared is None:  # RFC 4013 2.3: not a password at all -- but the same cost
+            self._dummy.matches("")  # (it might not even encode: a lone surrogate)
             return False
-        return entry.matches(password)
+        # the raw form second: hashes stored before SASLprep was applied (see the top)
+        tries = (prepared,) if prepared == password else (prepared, password)
+        if entry is None:
+            for candidate in tries:
+                self._dummy.matches(candidate)
+            return False
+        return any(entry.matches(candidate) for candidate in tries)
 
     def submit(self, user: str, password: str) -> concurrent.futures.Future[bool]:
         """verify() on the pool, for callers that must not block (event loops).
@@ -342,9 +420,39 @@ class CredentialsFile:
                     ln=first.ln, r=first.r, p=first.p, salt=self._dummy.salt,
                     digest=self._dummy.digest,
                 )  # fmt: skip
+            lookup, unusable = _lookup_table(entries)
+            if unusable:
+                log.warning(
+                    "credentials %s: %d user name(s) that SASLprep (RFC 4013) prohibits "
+                    "cannot log in",
+                    self.path,
+                    unusable,
+                )
             self._entries = entries
+            self._lookup = lookup
             self._stamp = stamp
             log.info("credentials %s: %d user(s) loaded", self.path, len(entries))
+
+
+def _lookup_table(entries: dict[str, ScryptHash]) -> tuple[dict[str, ScryptHash], int]:
+    # SASLprep'd name -> hash.  A name stored in prepared form is its own key; a name stored
+    # before SASLprep (e.g. decomposed) is an alias under its prepared form unless a
+    # prepared name already has that key.  Returns the table and how many stored names
+    # SASLprep prohibits (nobody can log in as those).
+    lookup: dict[str, ScryptHash] = {}
+    aliases: dict[str, ScryptHash] = {}
+    unusable = 0
+    for name, entry in entries.items():
+        key = _query_form(name)
+        if key is None:
+            unusable += 1
+        elif key == name:
+            lookup[key] = entry
+        else:
+            aliases.setdefault(key, entry)
+    for key, entry in aliases.items():
+        lookup.setdefault(key, entry)
+    return lookup, unusable
 
 
 def add_user(
@@ -352,7 +460,11 @@ def add_user(
 ) -> bool:
     """Add ``user`` to the credentials file (created if missing), or change their password.
 
-    The file is replaced atomically (mode 0600); comments and other users are kept.
+    The user name and the password are prepared with SASLprep (RFC 4013) as stored strings
+    first; the prepared name is stored and the prepared password hashed.  The file is
+    replaced atomically (mode 0600) under the file's lock; comments and other users are
+    kept.  A line of the same user stored before SASLprep (a name that prepares to the same)
+    is replaced in place.
 
     Args:
         path: the credentials file.
@@ -364,48 +476,78 @@ def add_user(
         True if the user existed (password changed), False if added.
 
     Raises:
-        ValueError: a bad user name or an empty password.
-        OSError: the file could not be read or written.
+        ValueError: a bad user name, an empty password, or one SASLprep prohibits (the
+            message names the kind of character; for a password never the character).
+        OSError: the file could not be read, written or locked.
     """
-    check_user_name(user)
-    if not password:
-        raise ValueError("the password must not be empty")
-    line = f"{user}:{hash_password(password, ln=ln)}"
-    return _rewrite(path, user, line)
+    name = _stored_name(user)
+    line = f"{name}:{hash_password(_stored_password(password), ln=ln)}"  # before the lock
+    return _rewrite(path, name, line)
 
 
 def remove_user(path: str | os.PathLike[str], user: str) -> bool:
-    """Remove ``user`` from the credentials file (atomically, as add_user).
+    """Remove ``user`` from the credentials file (atomically and locked, as add_user).
+
+    Lines whose name is ``user`` or prepares (SASLprep) to the same as ``user`` go.  The
+    file is not written (nor created) if there is no such user.
 
     Returns:
         True if the user was there.
 
     Raises:
-        OSError: the file could not be read or written.
+        OSError: the file could not be read, written or locked.
     """
     return _rewrite(path, user, None)
 
 
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    # flock() locks belong to the open file description: every call opens its own, so two
+    # threads of one process exclude each other as two processes do.  Closing unlocks.
+    fd = os.open(path + _LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _rewrite(path: str | os.PathLike[str], user: str, line: str | None) -> bool:
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        lines = _HEADER.splitlines()
-    kept: list[str] = []
-    found = False
-    for existing in lines:
-        stripped = existing.strip()
-        if not stripped.startswith("#") and stripped.partition(":")[0] == user:
-            if not found and line is not None:
-                kept.append(line)  # in place: the file's order is kept
-            found = True
-            continue
-        kept.append(existing)
-    if not found and line is not None:
-        kept.append(line)
-    _replace(path, ("\n".join(kept) + "\n").encode("utf-8"))
+    keys = {user}
+    prepared = _query_form(user)
+    if prepared is not None:
+        keys.add(prepared)
+
+    def same_user(name: str) -> bool:
+        if name in keys:
+            return True
+        form = _query_form(name)
+        return form is not None and form in keys
+
+    with _locked(path):  # from the read to the rename: no update is lost
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            if line is None:
+                return False
+            lines = _HEADER.splitlines()
+        kept: list[str] = []
+        found = False
+        for existing in lines:
+            stripped = existing.strip()
+            if stripped and not stripped.startswith("#") and same_user(stripped.partition(":")[0]):
+                if not found and line is not None:
+                    kept.append(line)  # in place: the file's order is kept
+                found = True
+                continue
+            kept.append(existing)
+        if line is None and not found:
+            return False  # nothing to remove: the file stays as it is
+        if not found and line is not None:
+            kept.append(line)
+        _replace(path, ("\n".join(kept) + "\n").encode("utf-8"))
     return found
 
 

@@ -64,12 +64,14 @@ class SASLprepError(ValueError):
 
     Attributes:
         reason: what is wrong, e.g. ``"contains an ASCII control character (RFC 3454 C.2.1)"``.
+        code_point: the offending character, or None (a bidi violation is the whole string's).
     """
 
     def __init__(self, reason: str, code_point: str | None = None) -> None:
         shown = f" (U+{ord(code_point):04X})" if code_point is not None else ""
         super().__init__(f"SASLprep (RFC 4013) prohibits this string: it {reason}{shown}")
         self.reason = reason
+        self.code_point = code_point
 
 
 def saslprep(text: str, *, allow_unassigned: bool) -> str:

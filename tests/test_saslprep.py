@@ -84,6 +84,7 @@ def test_prohibited_output_is_refused(char: str, table: str, allow_unassigned: b
         saslprep(f"ab{char}cd", allow_unassigned=allow_unassigned)
     assert f"U+{ord(char):04X}" in str(info.value)
     assert f"U+{ord(char):04X}" not in info.value.reason  # safe to show for a password
+    assert info.value.code_point == char
     assert isinstance(info.value, ValueError)
 
 

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import fcntl
+import io
 import logging
+import multiprocessing
 import os
+import smtplib
 import stat
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import CLIENT_TIMEOUT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailwire.adapters import _credentials
+from mailwire.adapters import _credentials, cli
 from mailwire.adapters._credentials import (
     CredentialsFile,
     ScryptHash,
@@ -181,9 +191,12 @@ def test_add_user_keeps_comments_order_and_other_users(users: Path) -> None:
     assert CredentialsFile(users).verify("alice@example.org", "changed")
 
 
-def test_add_user_leaves_no_temporary_files(users: Path) -> None:
+def test_add_user_leaves_no_temporary_files_only_the_lock_file(users: Path) -> None:
     add_user(users, "carol", "pw", ln=LN)
-    assert sorted(p.name for p in users.parent.iterdir()) == ["users"]
+    remove_user(users, "carol")
+    assert sorted(p.name for p in users.parent.iterdir()) == ["users", "users.lock"]
+    lock = users.parent / "users.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and lock.stat().st_size == 0
 
 
 @pytest.mark.parametrize("user", ["", "a:b", "a b", "#root", "tab\there", "nl\n"])
@@ -203,8 +216,9 @@ def test_utf8_names_and_passwords(tmp_path: Path) -> None:
     add_user(path, "jörg@例え.jp", "pässwörd✓", ln=LN)
     creds = CredentialsFile(path)
     assert creds.verify("jörg@例え.jp", "pässwörd✓")
-    # no SASLprep/normalisation: the decomposed form is a different password
-    assert not creds.verify("jörg@例え.jp", "pa\u0308sswo\u0308rd✓")
+    # SASLprep (NFKC): the decomposed forms are the same name and password
+    assert creds.verify("jo\u0308rg@例え.jp", "pa\u0308sswo\u0308rd✓")
+    assert not creds.verify("jörg@例え.jp", "passwörd✓")
 
 
 def test_bad_lines_are_skipped_with_a_warning_that_does_not_echo_them(
@@ -248,3 +262,363 @@ def test_submit_runs_on_the_pool_and_close_stops_it(users: Path) -> None:
     assert creds._pool is None
     with pytest.raises(RuntimeError):
         creds.submit("bob", "hunter2")
+
+
+def test_remove_user_of_a_missing_user_leaves_the_file_alone(users: Path) -> None:
+    before = users.stat()
+    assert remove_user(users, "nobody") is False
+    after = users.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert remove_user(users.parent / "absent", "bob") is False
+    assert not (users.parent / "absent").exists()
+
+
+# --- concurrent updates: the lock file ----------------------------------------------------------
+
+
+def test_concurrent_writers_lose_no_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The race made certain: every writer, between reading the file and renaming its new
+    # version into place, waits until each of the others has either read the file as well
+    # (possible only without the lock: then all of them read the same old file and all but
+    # one update are lost) or is about to wait for the lock (then they queue behind it).
+    path = tmp_path / "users"
+    add_user(path, "first", "pw", ln=LN)
+    writers = 6
+    arrived = 0
+    cond = threading.Condition()
+    local = threading.local()
+    real_flock, real_replace = fcntl.flock, _credentials._replace
+
+    def arrive() -> None:
+        nonlocal arrived
+        if not getattr(local, "arrived", False):
+            local.arrived = True
+            with cond:
+                arrived += 1
+                cond.notify_all()
+
+    def flock(fd: Any, operation: int) -> None:
+        if operation & fcntl.LOCK_EX:
+            arrive()  # about to wait for the lock
+        real_flock(fd, operation)
+
+    def replace(target: str, data: bytes) -> None:
+        arrive()  # has read the file (a no-op if it came through the lock)
+        with cond:
+            assert cond.wait_for(lambda: arrived == writers, timeout=30)  # a guard, not a timing
+        real_replace(target, data)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(_credentials, "_replace", replace)
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            add_user(path, f"user{n}", f"pw{n}", ln=LN)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and arrived == writers
+    creds = CredentialsFile(path)
+    assert creds.users == {"first"} | {f"user{n}" for n in range(writers)}
+    assert all(creds.verify(f"user{n}", f"pw{n}") for n in range(writers))
+
+
+def _add_users(path: str, names: list[str], barrier: Any) -> None:
+    barrier.wait()
+    for name in names:
+        add_user(path, name, "pw", ln=1)
+    remove_user(path, names[0])
+
+
+def test_concurrent_processes_lose_no_update(tmp_path: Path) -> None:
+    # real processes, released together by a barrier, each adding ten users and removing one
+    path = str(tmp_path / "users")
+    processes, per_process = 4, 10
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(processes)
+    names = [[f"p{p}u{u}" for u in range(per_process)] for p in range(processes)]
+    workers = [
+        context.Process(target=_add_users, args=(path, names[p], barrier)) for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    expected = {name for group in names for name in group[1:]}
+    assert CredentialsFile(path).users == expected
+
+
+def test_the_lock_is_held_from_read_to_rename_and_readers_do_not_need_it(
+    users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_replace = _credentials._replace
+    seen: list[bool] = []
+
+    def replace(target: str, data: bytes) -> None:
+        fd = os.open(f"{users}.lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the writer
+        finally:
+            os.close(fd)
+        # a reader meanwhile: no lock needed, it sees the old file
+        seen.append(CredentialsFile(users).verify("bob", "hunter2"))
+        real_replace(target, data)
+
+    monkeypatch.setattr(_credentials, "_replace", replace)
+    add_user(users, "bob", "changed", ln=LN)
+    assert seen == [True]
+    assert CredentialsFile(users).verify("bob", "changed")
+    fd = os.open(f"{users}.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    finally:
+        os.close(fd)
+
+
+def test_a_reader_loads_the_file_while_another_tool_holds_the_lock(users: Path) -> None:
+    fd = os.open(f"{users}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        creds = CredentialsFile(users)
+        assert creds.verify("bob", "hunter2")
+    finally:
+        os.close(fd)
+
+
+# --- SASLprep (RFC 4013) ------------------------------------------------------------------------
+
+
+def _lines_of(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_add_user_stores_the_prepared_name_and_hashes_the_prepared_password(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "users"
+    assert add_user(path, "I\u00adX", "pa\u0308ss\u00a0word", ln=LN) is False
+    [line] = _lines_of(path)
+    assert line.startswith("IX:$scrypt$")
+    assert verify_password("p\u00e4ss word", line.split(":", 1)[1])  # prepared, hashed
+    creds = CredentialsFile(path)
+    assert creds.users == {"IX"}
+    for name in ("IX", "I\u00adX", "\u2168"):  # RFC 4013 3: all the same user
+        assert creds.verify(name, "p\u00e4ss word")
+        assert creds.verify(name, "pa\u0308ss\u2000word")
+    assert not creds.verify("ix", "p\u00e4ss word")  # no case folding
+    assert add_user(path, "\u2168", "other", ln=LN) is True  # the same user: changed
+    assert len(_lines_of(path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("password", "reason"),
+    [
+        ("zq\u0007zq", "ASCII control character"),
+        ("zq\ue000zq", "private use"),
+        ("\u0627zq", "right-to-left"),
+        ("zq\U0001f600", "unassigned"),  # a stored string: RFC 3454 7
+        ("\u00ad\u200d", "empty after SASLprep"),
+    ],
+)
+def test_add_user_refuses_passwords_saslprep_prohibits_without_echoing_them(
+    tmp_path: Path, password: str, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason) as info:
+        add_user(tmp_path / "users", "bob", password, ln=LN)
+    assert "U+" not in str(info.value) and "zq" not in str(info.value)
+    assert not (tmp_path / "users").exists()
+
+
+@pytest.mark.parametrize(
+    ("user", "reason"),
+    [
+        ("bob\ue000", r"private use .*U\+E000"),
+        ("\u0627b", "right-to-left"),
+        ("bob\U0001f600", "unassigned"),
+        ("a\u00a0b", "white space"),  # mapped to " ", then refused by check_user_name
+    ],
+)
+def test_add_user_refuses_user_names_saslprep_prohibits(
+    tmp_path: Path, user: str, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason):
+        add_user(tmp_path / "users", user, "pw", ln=LN)
+    assert not (tmp_path / "users").exists()
+
+
+def test_auth_allows_unassigned_code_points_where_passwd_refuses_them(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    encoded = hash_password("pw\U0001f600", ln=LN)  # written by another tool
+    path.write_text(f"bob:{encoded}\n")
+    assert CredentialsFile(path).verify("bob", "pw\U0001f600")
+
+
+def test_passwords_saslprep_prohibits_fail_at_auth_at_the_cost_of_one_hash(
+    users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = CredentialsFile(users)
+    counter = Counter(monkeypatch)
+    for user in ("bob", "nobody", "bob\ue000", "\u0627b"):
+        for password in ("hunter2\u0007", "\ud800", "\u0627x", "\ufffe"):
+            assert creds.verify(user, password) is False
+    assert counter.calls == [LN] * 16
+    assert creds.submit("bob", "hunter\u00002").result(10) is False  # no exception either
+
+
+def test_unknown_users_cost_what_known_ones_do_with_a_password_saslprep_changes(
+    users: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = CredentialsFile(users)
+    counter = Counter(monkeypatch)
+    # "w\u00f6rd" is its own SASLprep: one try.  "wo\u0308rd" prepares to it: the prepared
+    # form, then the raw one (the fallback for old hashes) -- for unknown users as well
+    for password, tries in (("w\u00f6rd", 1), ("wo\u0308rd", 2)):
+        for user in ("bob", "nobody", "bo\u00adb"):
+            del counter.calls[:]
+            assert not creds.verify(user, password)
+            assert counter.calls == [LN] * tries, (user, password)
+
+
+# files written before SASLprep: raw names and hashes of raw passwords
+
+
+def _legacy(path: Path, *entries: tuple[str, str]) -> Path:
+    path.write_text("".join(f"{user}:{hash_password(pw, ln=LN)}\n" for user, pw in entries))
+    return path
+
+
+def test_hashes_of_raw_passwords_still_verify(tmp_path: Path) -> None:
+    path = _legacy(tmp_path / "users", ("bob", "pa\u0308ss"), ("carol", "x\u2168"))
+    creds = CredentialsFile(path)
+    assert creds.verify("bob", "pa\u0308ss")  # as set: the raw fallback
+    assert creds.verify("carol", "x\u2168")
+    assert creds.verify("carol", "xIX") is False  # the fallback is the raw string only
+    assert creds.verify("bob", "pass") is False
+
+
+def test_names_stored_before_saslprep_are_found_under_their_prepared_form(
+    tmp_path: Path,
+) -> None:
+    path = _legacy(tmp_path / "users", ("jo\u0308rg", "a"), ("\u2168", "b"), ("IX", "c"))
+    creds = CredentialsFile(path)
+    assert creds.verify("j\u00f6rg", "a") and creds.verify("jo\u0308rg", "a")
+    # an exact prepared name wins over an old name that prepares to the same
+    assert creds.verify("\u2168", "c") and creds.verify("IX", "c")
+    assert not creds.verify("IX", "b")
+
+
+def test_add_user_rewrites_an_old_line_of_the_same_user_in_place(tmp_path: Path) -> None:
+    path = _legacy(tmp_path / "users", ("a", "1"), ("jo\u0308rg", "2"), ("z", "3"))
+    assert add_user(path, "j\u00f6rg", "new", ln=LN) is True
+    assert [line.split(":")[0] for line in _lines_of(path)] == ["a", "j\u00f6rg", "z"]
+    assert CredentialsFile(path).verify("jo\u0308rg", "new")
+    assert remove_user(path, "jo\u0308rg") is True  # either form names the user
+    assert [line.split(":")[0] for line in _lines_of(path)] == ["a", "z"]
+    _legacy(path, ("a", "1"), ("\u2168", "2"))
+    assert remove_user(path, "IX") is True
+    assert [line.split(":")[0] for line in _lines_of(path)] == ["a"]
+
+
+def test_stored_names_saslprep_prohibits_are_reported_and_cannot_log_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _legacy(tmp_path / "users", ("\u0627b", "pw"), ("bob", "pw"))
+    with caplog.at_level(logging.WARNING, "mailwire.adapters.credentials"):
+        creds = CredentialsFile(path)
+    assert "1 user name(s) that SASLprep" in caplog.text
+    assert creds.users == {"\u0627b", "bob"}
+    assert not creds.verify("\u0627b", "pw") and creds.verify("bob", "pw")
+    assert remove_user(path, "\u0627b") is True  # but they can be removed
+
+
+# --- mailwire passwd ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "message"),
+    [
+        ("bob", "secret\u200e", "prohibits this password: it contains a display property"),
+        ("bob", "secret\U0001f600", "prohibits this password: it contains a code point unassig"),
+        ("bob\u0007", "pw", "prohibits this user name: it contains an ASCII control"),
+        ("\u05d0b", "pw", "prohibits this user name: it mixes right-to-left"),
+    ],
+)
+def test_passwd_refuses_what_saslprep_prohibits_with_status_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    user: str,
+    password: str,
+    message: str,
+) -> None:
+    path = tmp_path / "users"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(password + "\n"))
+    assert cli.main(["passwd", "--stdin", "--cost", "4", str(path), user]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mailwire: SASLprep (RFC 4013) ") and message in err
+    assert "secret" not in err
+    assert not path.exists()
+
+
+def test_passwd_stores_prepared_names_and_passwords(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "users"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\u2163\u00a0pa\u0308ss\n"))
+    assert cli.main(["passwd", "--stdin", "--cost", "4", str(path), "I\u00adX"]) == 0
+    assert CredentialsFile(path).verify("IX", "IV p\u00e4ss")
+    assert cli.main(["passwd", "--delete", str(path), "\u2168"]) == 0
+    assert CredentialsFile(path).users == frozenset()
+
+
+# --- over SMTP ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    users = tmp_path / "users"
+    add_user(users, "j\u00f6rg", "pa\u0308ss \u2168", ln=LN)
+    settings = cli.Settings()
+    settings.update(
+        {"runtime": "threads", "listen": ["127.0.0.1:0"], "hostname": "mx.test",
+         "spool": str(tmp_path / "spool"), "relay_networks": [], "credentials": str(users),
+         "submission_listen": ["127.0.0.1:0"], "allow_plaintext_auth": True,
+         "auth_failure_delay": 0.0},
+        "test",
+    )  # fmt: skip
+    controller, _ = cli.build(settings)
+    controller.start()
+    try:
+        yield controller.addresses[1]
+    finally:
+        controller.stop()
+        close = getattr(controller.handler, "close", None)
+        if close is not None:
+            close()
+
+
+def _auth_plain(address: tuple[str, int], user: str, password: str) -> int:
+    with smtplib.SMTP(address[0], address[1], timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        response = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        code, _ = client.docmd("AUTH", f"PLAIN {response}")
+        assert client.noop()[0] == 250  # the session goes on either way
+        return code
+
+
+def test_auth_plain_prepares_name_and_password_and_prohibited_ones_get_535(
+    server: tuple[str, int],
+) -> None:
+    assert _auth_plain(server, "jo\u0308rg", "p\u00e4ss\u00a0IX") == 235
+    assert _auth_plain(server, "j\u00f6rg", "pa\u0308ss \u2168") == 235
+    assert _auth_plain(server, "j\u00f6rg", "p\u00e4ss IX\u200e") == 535  # C.8
+    assert _auth_plain(server, "j\u00f6rg\ue000", "p\u00e4ss IX") == 535
+    assert _auth_plain(server, "j\u00f6rg", "pass IX") == 535
