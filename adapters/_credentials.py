@@ -37,12 +37,17 @@
 # SASLprep prohibits at AUTH time simply fails (one dummy hash, then 535), never an error:
 # an old password that SASLprep now prohibits (a control character, a bidi violation) has
 # to be set again.  add_user() rewrites an old unprepared line of the same user in place.
+#   Identity.  Many strings now log in as one user ("b\u00adob" is "bob"), but the engine
+# records the name as received (Session.authenticated_as): anything keyed per user (the
+# per-user rate limits) must key on saslprep(name, allow_unassigned=True), or a user gets a
+# fresh bucket per spelling.
 #
 # Invariants.
 #   * The file never holds a password, only (salt, scrypt(password, salt)).
-#   * verify() costs one scrypt whether or not the user exists: an unknown user is checked
-#     against a dummy hash with the same costs as the file's first entry, so the response
-#     time does not tell which user names exist.  The digest comparison is
+#   * verify() costs the same scrypt work whether or not the user exists (one hash; two
+#     for a password SASLprep changes): an unknown user is checked against a dummy hash
+#     with the same costs as the file's first entry, so the response time does not tell
+#     which user names exist.  The digest comparison is
 #     hmac.compare_digest (constant time).
 #   * The file is re-read when its inode, size or mtime change (checked by one stat() per
 #     verification), so ``mailwire passwd`` takes effect without a restart.  If it cannot be
