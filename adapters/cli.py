@@ -83,6 +83,7 @@ from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import AuthCredentials, MailFrom, RcptTo, Reply
 from mailwire.protocol._policy import Limit, Rate, RateLimiter, SenderLimits, check_relay
 from mailwire.protocol._policy import RelayPolicy as RelayRules
+from mailwire.protocol._saslprep import saslprep
 
 log = logging.getLogger("mailwire.adapters.cli")
 RUNTIMES = ("asyncio", "trio", "threads")
@@ -284,7 +285,7 @@ class RateLimitPolicy:
                 decision = limiter.admit_message(
                     self.clock(),
                     client_address=_client(session),
-                    user=session.authenticated_as,
+                    user=_identity(session),
                     sender=event.address,
                 )
             if not decision.allowed:
@@ -301,7 +302,7 @@ class RateLimitPolicy:
                 decision = limiter.admit_recipients(
                     self.clock(),
                     client_address=_client(session),
-                    user=session.authenticated_as,
+                    user=_identity(session),
                     sender=None if sender is None else sender.address,
                 )
             if not decision.allowed:
@@ -358,6 +359,18 @@ def _auth_reply(
         return _AUTH_OK
     log.info("%s AUTH failed for %s from %s", session.id, shown, session.peer[0])
     return _AUTH_FAILED
+
+
+def _identity(session: Session) -> str | None:
+    # the per-user limit's key: SASLprep'd, since every form that prepares the same logs in
+    # as the same user ("b\u00adob" is "bob")
+    user = session.authenticated_as
+    if user is None:
+        return None
+    try:
+        return saslprep(user, allow_unassigned=True)
+    except ValueError:
+        return user
 
 
 def _client(session: Session) -> str:

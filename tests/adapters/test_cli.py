@@ -26,8 +26,8 @@ from mailwire.adapters import cli
 from mailwire.adapters._credentials import CredentialsFile, add_user
 from mailwire.adapters._driver import Handler, Session
 from mailwire.adapters._spool import SpoolError, SpoolHandler, detect_format
-from mailwire.protocol import RcptTo, Reply
-from mailwire.protocol._policy import Limit, Rate, SenderLimits
+from mailwire.protocol import MailFrom, RcptTo, Reply
+from mailwire.protocol._policy import Limit, Rate, RateLimiter, SenderLimits
 from mailwire.protocol._policy import RelayPolicy as RelayRules
 
 HAVE_SPOOL = importlib.util.find_spec("mailwire.adapters._spool") is not None
@@ -265,6 +265,28 @@ def test_sender_limits_map_onto_the_core() -> None:
         per_sender=Limit(recipients=Rate(count=7.5, interval=600)),
         max_buckets=500,
     )  # fmt: skip
+
+
+def test_per_user_limit_counts_every_spelling_of_a_user_as_one() -> None:
+    # SASLprep lets "b\u00adob" (soft hyphen) and "bo\u200db" log in as "bob" (adapters/
+    # _credentials.py): the per-user allowance must be theirs together, not one each
+    class Limited(cli.RateLimitPolicy, Handler):
+        pass
+
+    policy = Limited()
+    policy.limiter = RateLimiter(
+        SenderLimits(per_user=Limit(messages=Rate(count=1, interval=3600)))
+    )
+    policy.lock = threading.Lock()
+    policy.clock = lambda: 1000.0
+    replies = []
+    for i, user in enumerate(["bob", "b\u00adob", "bo\u200db", "alice"]):
+        session = Session(id=f"s{i}", peer=(f"192.0.2.{i}", 1), local=("127.0.0.1", 587))
+        session.authenticated_as = user
+        replies.append(policy.on_mail_from(session, MailFrom(address="a@example.org")))
+    assert replies[0] is None and replies[3] is None  # bob's first message; alice's own
+    for refused in replies[1:3]:
+        assert isinstance(refused, Reply) and refused.code == 450
 
 
 @pytest.mark.parametrize(
