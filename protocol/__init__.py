@@ -10,8 +10,9 @@ draws random numbers: time and randomness are arguments.
   classes in both directions; ``SessionState`` is shared.
 * Routing (``group_recipients``, ``RouteLookup``, ``DeliveryWalk``), the queue
   (``Scheduler``, ``RetryPolicy``), delivery status notifications (``build_dsn``,
-  ``parse_dsn``), trace headers (``received_header``) and policy (``check_relay``,
-  ``RateLimiter``): the decisions of an MTA, with every input passed in.
+  ``parse_dsn``), trace headers (``received_header``), submission fixes (``missing_fields``:
+  the Date and Message-ID an MSA adds), SASLprep (``saslprep``, RFC 4013) and policy
+  (``check_relay``, ``RateLimiter``): the decisions of an MTA, with every input passed in.
 
 Errors: ``LocalProtocolError`` means the local application used the engine wrongly (raised by
 ``send()`` and event constructors); ``RemoteProtocolError`` means the peer broke SMTP beyond
@@ -126,8 +127,10 @@ from mailwire.protocol._routing import (
     group_recipients,
     order_mx,
 )
+from mailwire.protocol._saslprep import SASLprepError, saslprep
 from mailwire.protocol._server import Envelope, ServerConnection
 from mailwire.protocol._state import SessionState
+from mailwire.protocol._submission import missing_fields
 from mailwire.protocol._trace import (
     ReceivedCounter,
     TraceInfo,
@@ -225,6 +228,7 @@ __all__ = [
     "RouteLookup",
     "RoutingConfig",
     "Rset",
+    "SASLprepError",
     "SaslMechanism",
     "Scheduler",
     "SenderLimits",
@@ -253,6 +257,7 @@ __all__ = [
     "group_recipients",
     "is_valid_domain",
     "is_valid_mailbox",
+    "missing_fields",
     "next_retry_time",
     "order_mx",
     "parse_delivery_status",
@@ -261,6 +266,7 @@ __all__ = [
     "received_header",
     "retry_delay",
     "route_from_answers",
+    "saslprep",
     "split_mailbox",
     "wants_notification",
 ]

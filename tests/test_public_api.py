@@ -85,6 +85,7 @@ PUBLIC = [
     "RouteLookup",
     "RoutingConfig",
     "Rset",
+    "SASLprepError",
     "SaslMechanism",
     "Scheduler",
     "SenderLimits",
@@ -113,6 +114,7 @@ PUBLIC = [
     "group_recipients",
     "is_valid_domain",
     "is_valid_mailbox",
+    "missing_fields",
     "next_retry_time",
     "order_mx",
     "parse_delivery_status",
@@ -121,6 +123,7 @@ PUBLIC = [
     "received_header",
     "retry_delay",
     "route_from_answers",
+    "saslprep",
     "split_mailbox",
     "wants_notification",
 ]
