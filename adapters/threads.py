@@ -175,18 +175,18 @@ class _Server:
                 sock.setsockopt(
                     socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.config.command_timeout)
                 )
-            with self.lock:
-                refuse = len(self.live) >= self.max_connections or self.stopping
-            if refuse:
-                log.warning("refusing %s: too many connections", sock.getpeername())
-                sock.sendall(refusal(self.config))
-                return
             session = new_session(sock.getpeername(), sock.getsockname(), tls=self.implicit_tls)
             driver = Driver(self.handler, self.config, session, clock=time.monotonic, logger=log)
             reader = _Reader(sock)
             live = Live(driver=driver, wake=reader.wake)  # TLS reads: woken by the phase pipes
-            with self.lock:
-                self.live[live] = threading.current_thread()
+            with self.lock:  # count and take the place at once: sessions start in parallel
+                refuse = len(self.live) >= self.max_connections or self.stopping
+                if not refuse:
+                    self.live[live] = threading.current_thread()
+            if refuse:
+                log.warning("refusing %s: too many connections", session.peer)
+                sock.sendall(refusal(self.config))
+                return
             log.debug("%s connect from %s", session.id, session.peer)
             try:
                 sock = self._session(live, sock, reader)

@@ -24,6 +24,7 @@ import selectors
 import socket
 import ssl
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ import pytest
 from conftest import CLIENT_TIMEOUT, RUNTIMES
 
 from mailwire.adapters import _driver
+from mailwire.adapters import threads as _threads
 from mailwire.adapters._driver import BaseController, Handler, Session
 from mailwire.protocol import MailFrom, RcptTo, Reply, ServerConfig
 
@@ -387,6 +389,27 @@ def test_connection_flood_beyond_max_connections_gets_421_and_others_are_served(
         client.expect(221)
         client.close()
     assert len(recorder.delivered) == 50
+
+
+@pytest.mark.parametrize("hostile", ["threads"], indirect=True)  # sessions start in parallel
+def test_connections_arriving_together_never_exceed_max_connections(
+    hostile: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Widen the gap between a session's start and its taking a place: a count checked before
+    # the gap and a place taken after it let every simultaneous session through.
+    slow = _driver.new_session
+
+    def new_session(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)  # not a timing assertion: every session start is slowed alike
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(_threads, "new_session", new_session)
+    address = hostile(Recorder(), max_connections=3)
+    clients = [Client(address) for _ in range(12)]
+    codes = [client.reply()[0] for client in clients]
+    assert sorted(codes) == [220] * 3 + [421] * 9
+    for client in clients:
+        client.close()
 
 
 # --- hostile bytes -----------------------------------------------------------------------------
