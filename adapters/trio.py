@@ -63,14 +63,16 @@ class _Server:
         self.grace = 0.0
         self.token: trio.lowlevel.TrioToken | None = None
         self.closed = trio.Event()  # set whenever a session ends
+        # the engine's clock, and what to add to its readings to get trio's time (see _clock)
         self.clock: Callable[[], float] = trio.current_time
+        self.offset = 0.0
 
     async def run(
         self, sockets: Sequence[socket.socket], grace: float, ready: Callable[[], None] | None
     ) -> None:
         self.grace = grace
         self.token = trio.lowlevel.current_trio_token()
-        self.clock = _clock()
+        self.clock, self.offset = _clock()
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         async with trio.open_nursery() as sessions:
             try:
@@ -198,12 +200,14 @@ class _Server:
         On a plain connection the reply is sent and the next read awaited right here, on the
         stdlib socket (see _Plain): two coroutine frames fewer to suspend and resume per
         exchange."""
-        driver, timeout = live.driver, self.config.command_timeout
+        driver, timeout, offset = live.driver, self.config.command_timeout, self.offset
+        current = scope.deadline  # kept here: only this method moves it
         while True:
             steps = driver.process()
             outcome = step(steps)
             if isinstance(outcome, Pending):
                 phase[0], scope.deadline = "process", math.inf
+                current = math.inf
                 while isinstance(outcome, Pending):
                     outcome = step(steps, await resolve(outcome))
             if outcome == "READ" and self.stopping:
@@ -216,8 +220,9 @@ class _Server:
                 deadline = driver.deadline
                 if deadline is None:  # not after a reply; a write is still bounded
                     deadline = driver.clock() + timeout if out else math.inf
-                if scope.deadline > deadline:
-                    scope.deadline = deadline
+                deadline += offset  # on trio's clock
+                if current > deadline:
+                    scope.deadline = current = deadline
                 stream = box[0]
                 if type(stream) is _Plain:
                     sock = stream.raw
@@ -256,28 +261,30 @@ class _Server:
                 continue
             if out:
                 phase[0], scope.deadline = "write", trio.current_time() + timeout
+                current = scope.deadline
                 await box[0].send_all(out)
             if outcome == "CLOSE":
                 return
             assert outcome == "STARTTLS" and self.tls_context is not None
             phase[0], scope.deadline = "handshake", trio.current_time() + timeout
+            current = scope.deadline
             tls = trio.SSLStream(box[0], self.tls_context, server_side=True)
             box[0] = tls
             await tls.do_handshake()
             driver.tls_established()
 
 
-def _clock() -> Callable[[], float]:
-    """The run's clock, read the short way when it is trio's SystemClock (``offset +
-    perf_counter()``, checked against trio.current_time): the driver reads it on every
-    read and reply, and trio.current_time() goes through three calls to get there."""
+def _clock() -> tuple[Callable[[], float], float]:
+    """The engine's clock and its offset to trio's: ``time.perf_counter`` and the offset
+    when the run's clock is trio's SystemClock (``offset + perf_counter()``, checked against
+    trio.current_time), else trio.current_time itself and 0.  The driver reads the clock on
+    every read and reply; trio.current_time() is three Python calls, perf_counter none."""
     clock = trio.lowlevel.current_clock()
     offset = getattr(clock, "offset", None)
     if type(clock).__name__ == "SystemClock" and isinstance(offset, float):
-        base, counter = offset, time.perf_counter
-        if abs(base + counter() - trio.current_time()) < 0.001:
-            return lambda: base + counter()
-    return trio.current_time
+        if abs(offset + time.perf_counter() - trio.current_time()) < 0.001:
+            return time.perf_counter, offset
+    return trio.current_time, 0.0
 
 
 class _Plain(trio.abc.Stream):

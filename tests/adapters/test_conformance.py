@@ -392,6 +392,29 @@ def test_stalled_data_gets_421_after_data_timeout(serve: Serve) -> None:
     assert inbox.messages == []
 
 
+def test_stalled_data_after_starttls_gets_421_after_data_timeout(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    # the handshake has its own deadline; the data phase's shorter one must still apply
+    inbox = Inbox()
+    config = ServerConfig(hostname="mx.test", starttls=True, command_timeout=30, data_timeout=0.2)
+    server = serve(inbox, config, tls_context=server_tls)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\n")
+    raw.expect(250)
+    raw.send(b"STARTTLS\r\n")
+    raw.expect(220)
+    raw.starttls(client_tls)
+    raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    for code in (250, 250, 250, 354):
+        raw.expect(code)
+    raw.send(b"Subject: partial\r\n")
+    assert raw.expect(421).startswith("4.4.2")
+    raw.close()
+    assert inbox.messages == []
+
+
 def test_data_phase_outlives_a_shorter_command_timeout(serve: Serve) -> None:
     """The data phase has its own deadline: a body that pauses for longer than command_timeout
     is still taken, and the command deadline applies again after its reply."""
