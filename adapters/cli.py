@@ -330,7 +330,8 @@ class AuthPolicy:
         credentials = self.credentials
         if credentials is None:
             return super().on_auth(session, event)  # type: ignore[misc]
-        if event.authorization_id not in ("", event.username):
+        authzid = event.authorization_id
+        if authzid and _prepared(authzid) != _prepared(event.username):
             log.info("%s AUTH refused: authorization identity differs", session.id)
             return _AUTH_FAILED
         try:
@@ -365,12 +366,16 @@ def _identity(session: Session) -> str | None:
     # the per-user limit's key: SASLprep'd, since every form that prepares the same logs in
     # as the same user ("b\u00adob" is "bob")
     user = session.authenticated_as
-    if user is None:
-        return None
+    return None if user is None else _prepared(user)
+
+
+def _prepared(name: str) -> str:
+    """``name`` as the credentials file compares it (SASLprep, RFC 4013, unassigned code
+    points allowed as in a query), or as given when SASLprep refuses it."""
     try:
-        return saslprep(user, allow_unassigned=True)
+        return saslprep(name, allow_unassigned=True)
     except ValueError:
-        return user
+        return name
 
 
 def _client(session: Session) -> str:

@@ -155,6 +155,19 @@ def test_proxy_authorization_identity_is_refused(start: Start) -> None:
         assert code == 535
 
 
+def test_authorization_identity_in_another_spelling_of_the_user_is_accepted(
+    start: Start,
+) -> None:
+    # SASLprep (RFC 4013) maps the soft hyphen to nothing: "b\u00adob" is the user "bob",
+    # so naming it as the authorization identity is no proxy authorization
+    server = start(**PLAINTEXT)
+    with smtp(server.addresses[1]) as client:
+        client.ehlo()
+        response = base64.b64encode("b\u00adob\0bob\0hunter2".encode()).decode()
+        code, _ = client.docmd("AUTH", "PLAIN " + response)
+        assert code == 235
+
+
 def test_main_listener_relays_only_for_authenticated_clients(start: Start) -> None:
     server = start(allow_plaintext_auth=True)  # credentials: AUTH offered on port 25 too
     with smtp(server.addresses[0]) as client:
