@@ -204,7 +204,12 @@ class ServerConnection:
         """When the peer's time runs out (RFC 5321 4.5.3.2), on the clock passed as ``now``;
         None while the application owes a reply, after the session ended, or without a clock.
         When it passes, call :meth:`check_timeout`."""
-        if self._timer_start is None or self.owes_reply:
+        if self._timer_start is None:
+            return None
+        if self._owed is not None:  # owes_reply, inline (called on every read)
+            if not self._events:
+                return None
+        elif self._state is S.GREETING and not self._refused:
             return None
         if self._state in (S.CLOSED, S.ERROR):
             return None

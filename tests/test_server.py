@@ -29,6 +29,7 @@ from mailwire.protocol import (
     MailFrom,
     MessageData,
     MessageRejected,
+    Noop,
     Quit,
     RcptTo,
     RemoteProtocolError,
@@ -904,6 +905,30 @@ def test_no_deadline_while_the_application_decides() -> None:
     assert conn.deadline is None
     conn.send(Reply(code=250, text="hi"), now=1000.0)
     assert conn.deadline == 1300.0
+
+
+def test_deadline_is_none_exactly_while_a_reply_is_owed() -> None:
+    conn = ServerConnection(ServerConfig(command_timeout=300), now=0.0)
+    seen = []
+
+    def check() -> None:
+        seen.append(conn.owes_reply)
+        assert (conn.deadline is None) is conn.owes_reply
+
+    check()  # the greeting is owed
+    conn.send(Reply(code=220, text="hi"), now=0.0)
+    check()
+    conn.receive_data(b"EHLO c\r\nNOOP\r\n", now=1.0)
+    check()  # received, not yet handed out: the peer's clock still runs
+    assert isinstance(conn.next_event(), Ehlo)
+    check()
+    conn.send(Reply(code=250, text="hi"), now=2.0)
+    check()
+    assert isinstance(conn.next_event(), Noop)  # answered by the engine: nothing owed
+    check()
+    assert conn.next_event() is NEED_DATA
+    check()
+    assert seen == [True, False, False, True, False, False, False]
 
 
 def test_data_phase_uses_the_data_block_timeout() -> None:
