@@ -48,6 +48,9 @@ _DOT_ATOM_TEXT = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")  # 1*atext *("." 1*at
 _DATE = b"date"
 _MESSAGE_ID = b"message-id"
 FALLBACK_HOSTNAME = "localhost"
+# bounds that keep "Message-ID: <left@right>" far below RFC 5322 2.1.1's 998 octets per line
+_MAX_LEFT = 64
+_MAX_HOST = 253
 
 
 def _scan(content: bytes, limit: int) -> tuple[set[bytes], bool] | None:
@@ -100,7 +103,9 @@ def message_id_host(hostname: str) -> str:
             IDNA-encoded).
 
     Returns:
-        The name, or ``"localhost"`` when it cannot be made dot-atom-text.
+        The name, or ``"localhost"`` when it cannot be made dot-atom-text of at most 253
+        octets (a DNS name's limit, RFC 1035 2.3.4; it keeps the field's line well under
+        RFC 5322 2.1.1's 998).
     """
     name = hostname.rstrip(".")
     if not name.isascii():
@@ -108,7 +113,7 @@ def message_id_host(hostname: str) -> str:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
             return FALLBACK_HOSTNAME
-    return name if _dot_atom(name) else FALLBACK_HOSTNAME
+    return name if len(name) <= _MAX_HOST and _dot_atom(name) else FALLBACK_HOSTNAME
 
 
 def message_id(*, queue_id: str, hostname: str) -> str:
@@ -117,15 +122,15 @@ def message_id(*, queue_id: str, hostname: str) -> str:
     The same for the same arguments (a retry or a restart gives the same id).
 
     Args:
-        queue_id: the message's queue id (used as id-left when it is dot-atom-text, else a
-            digest of it).
+        queue_id: the message's queue id (used as id-left when it is dot-atom-text of at
+            most 64 characters, else a digest of it).
         hostname: this host's name (see :func:`message_id_host`).
 
     Returns:
         The msg-id, angle brackets included.
     """
     left = queue_id
-    if not _dot_atom(left):
+    if len(left) > _MAX_LEFT or not _dot_atom(left):
         left = "mw." + hashlib.sha256(queue_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return f"<{left}@{message_id_host(hostname)}>"
 

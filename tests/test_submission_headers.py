@@ -39,6 +39,12 @@ def added(content: bytes, *, queue_id: str = QID, hostname: str = HOST) -> bytes
 # --- what is added ------------------------------------------------------------------------------
 
 
+# dot-atom-text of 700 to 1,500 characters: valid, but too long for a header line
+_LONG_DOT_ATOM = st.lists(
+    st.text(alphabet="ab", min_size=15, max_size=25), min_size=45, max_size=60
+).map(".".join)
+
+
 def test_a_message_without_date_or_message_id_gets_both() -> None:
     assert added(b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n") == DATE + MSGID
 
@@ -183,6 +189,8 @@ def test_the_message_id_is_the_queue_id_at_the_host_name_and_deterministic() -> 
         ("has space.example", "localhost"),
         ("a@b", "localhost"),
         ("x" * 64 + ".\u00e9", "localhost"),  # IDNA refuses a label over 63 octets
+        ("a." * 126 + "b", "a." * 126 + "b"),  # 253 octets: a DNS name's longest
+        ("a." * 126 + "bc", "localhost"),  # 254: no DNS name, and lines must stay short
     ],
 )
 def test_the_host_name_becomes_dot_atom_text_or_localhost(hostname: str, expected: str) -> None:
@@ -190,10 +198,11 @@ def test_the_host_name_becomes_dot_atom_text_or_localhost(hostname: str, expecte
     assert MSG_ID.fullmatch(message_id(queue_id=QID, hostname=hostname))
 
 
-@pytest.mark.parametrize("queue_id", ["", "a b", "a@b", "<x>", "a..b", ".a", "é"])
+@pytest.mark.parametrize("queue_id", ["", "a b", "a@b", "<x>", "a..b", ".a", "é", "q" * 65])
 def test_a_queue_id_that_is_not_dot_atom_text_becomes_a_digest(queue_id: str) -> None:
     mid = message_id(queue_id=queue_id, hostname=HOST)
     assert MSG_ID.fullmatch(mid)
+    assert mid.startswith("<mw.") and len(mid) == len(f"<mw.{'0' * 32}@{HOST}>")
     assert mid == message_id(queue_id=queue_id, hostname=HOST)
     assert mid != message_id(queue_id=queue_id + "x", hostname=HOST)
 
@@ -275,8 +284,8 @@ def test_applying_it_twice_adds_nothing_the_second_time(content: bytes) -> None:
 @settings(max_examples=100, deadline=None)
 @given(
     content=st.binary(max_size=100),
-    queue_id=st.text(max_size=12),
-    hostname=st.text(max_size=20),
+    queue_id=st.text(max_size=12) | _LONG_DOT_ATOM,
+    hostname=st.text(max_size=20) | _LONG_DOT_ATOM,
 )
 def test_any_queue_id_and_host_name_give_a_valid_message_id(
     content: bytes, queue_id: str, hostname: str
@@ -284,3 +293,4 @@ def test_any_queue_id_and_host_name_give_a_valid_message_id(
     assert MSG_ID.fullmatch(message_id(queue_id=queue_id, hostname=hostname))
     out = missing_fields(content, arrival=T0, queue_id=queue_id, hostname=hostname)
     assert out == missing_fields(content, arrival=T0, queue_id=queue_id, hostname=hostname)
+    assert all(len(line) <= 998 for line in out.split(b"\r\n"))  # RFC 5322 2.1.1
