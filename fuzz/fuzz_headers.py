@@ -7,9 +7,9 @@
 Input: bit 0 of byte 0 picks the function.
 
 Even: ``missing_fields``.  Bytes 1-5 give the arrival second (any second of the years
-1970-9999, the documented "seconds since the epoch"; RFC 5322 3.3 wants 4-digit years) and
+1970-9999: "seconds since the epoch", and parse_date reads 4-digit years only) and
 byte 6 its fraction; bytes 7 and 8 pick the host name and the queue id from a list of awkward
-ones (empty, trailing dot, IDNA, bad IDNA, lone surrogate, 300 octets, 1000 octets ...) or,
+ones (empty, trailing dot, IDNA, bad IDNA, lone surrogate, 253, 263 and 967 octets ...) or,
 past the list, take them from the input (length in the next byte, UTF-8 with lone
 surrogates allowed).  Bits 1-2 of byte 0 put filler in front of the rest (header lines,
 folded lines, or one long unterminated line) so that it ends 600 octets either side of
@@ -79,6 +79,8 @@ HOSTS = (
     "\u4f8b\u3048.\u30c6\u30b9\u30c8",
     ("a" * 63 + ".") * 4 + "example",  # 263 octets
     ("a" * 63 + ".") * 15 + "example",  # 967 octets: the Message-ID line passes 998
+    ("a" * 63 + ".") * 3 + "a" * 61,  # 253 octets, a DNS name's limit
+    ("a" * 63 + ".") * 3 + "a" * 61 + ".",  # the same with the root's dot
 )
 QUEUE_IDS = (
     "0KQ3V8Z7M2C4XB1RT9A6",
@@ -91,6 +93,8 @@ QUEUE_IDS = (
     "\ud800",
     "q" * 100,
     "q" * 990,  # dot-atom-text: the Message-ID line passes 998
+    "q" * 64,
+    "q.q" * 22,  # 66 characters
 )
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"  # RFC 5322 3.2.3, written out again
 MSG_ID = re.compile(rf"<{ATEXT}+(?:\.{ATEXT}+)*@{ATEXT}+(?:\.{ATEXT}+)*>".encode())
