@@ -48,6 +48,10 @@ _DOT_ATOM_TEXT = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")  # 1*atext *("." 1*at
 _DATE = b"date"
 _MESSAGE_ID = b"message-id"
 FALLBACK_HOSTNAME = "localhost"
+# the arrival times a Date can show: years 1 to 9999 (RFC 5322 3.3 date-time, 4-digit years
+# as parse_date reads them); an arrival outside (NaN, infinite, a damaged envelope) gets none
+_FIRST_SECOND = -62135596800.0  # 0001-01-01T00:00:00Z
+_AFTER_LAST = 253402300800.0  # 10000-01-01T00:00:00Z
 # bounds that keep "Message-ID: <left@right>" far below RFC 5322 2.1.1's 998 octets per line
 _MAX_LEFT = 64
 _MAX_HOST = 253
@@ -143,7 +147,8 @@ def missing_fields(content: bytes, *, arrival: float, queue_id: str, hostname: s
 
     Args:
         content: the message as the client sent it (CRLF or bare LF line ends).
-        arrival: when the message arrived, seconds since the epoch (the Date, in UTC).
+        arrival: when the message arrived, seconds since the epoch (the Date, in UTC; no
+            Date is added for a time outside the years 1 to 9999, NaN or infinite).
         queue_id: the message's queue id (the Message-ID's left part).
         hostname: this host's name (its right part).
 
@@ -157,7 +162,7 @@ def missing_fields(content: bytes, *, arrival: float, queue_id: str, hostname: s
         return b""
     found, headerless = scanned
     out = []
-    if _DATE not in found:
+    if _DATE not in found and _FIRST_SECOND <= arrival < _AFTER_LAST:  # False for NaN
         out.append(f"Date: {format_date(arrival)}\r\n")
     if _MESSAGE_ID not in found:
         out.append(f"Message-ID: {message_id(queue_id=queue_id, hostname=hostname)}\r\n")

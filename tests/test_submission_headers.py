@@ -210,6 +210,24 @@ def test_a_queue_id_that_is_not_dot_atom_text_becomes_a_digest(queue_id: str) ->
 # --- the Date -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "arrival", [float("nan"), float("inf"), float("-inf"), -1e20, 253402300800.0]
+)
+def test_an_arrival_no_date_can_show_gets_no_date_and_no_error(arrival: float) -> None:
+    # years 1 to 9999 only (RFC 5322 3.3); a damaged envelope must not stop a delivery
+    out = missing_fields(
+        b"Subject: x\r\n\r\nbody\r\n", arrival=arrival, queue_id=QID, hostname=HOST
+    )
+    assert out == f"Message-ID: <{QID}@{HOST}>\r\n".encode()
+
+
+def test_the_first_and_last_seconds_of_years_1_to_9999_get_a_date() -> None:
+    first = missing_fields(b"", arrival=-62135596800.0, queue_id=QID, hostname=HOST)
+    last = missing_fields(b"", arrival=253402300799.9, queue_id=QID, hostname=HOST)
+    assert first.startswith(b"Date: Mon, 01 Jan 0001 00:00:00 +0000\r\n")
+    assert last.startswith(b"Date: Fri, 31 Dec 9999 23:59:59 +0000\r\n")
+
+
 def test_the_date_is_the_arrival_time_and_parses_back() -> None:
     line = added(b"Message-ID: <a@b>\r\n\r\n")
     assert line.startswith(b"Date: ") and line.endswith(b"\r\n")
