@@ -22,7 +22,6 @@ latin-1 reading).  Every input goes through every parser.  Invariants, beyond "n
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from mailwire.protocol._config import ServerConfig
 from mailwire.protocol._events import MailFrom, RcptTo
@@ -131,11 +130,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":

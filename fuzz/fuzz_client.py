@@ -25,7 +25,6 @@ every event it sends what its script says next (pipelining when the server offer
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from mailwire.protocol._client import ClientConnection, LoginAuth, PlainAuth, SaslMechanism
@@ -307,11 +306,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":

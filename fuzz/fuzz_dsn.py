@@ -19,8 +19,6 @@ duplicate a line) applied to the rendered bytes.  Invariants:
 
 from __future__ import annotations
 
-import sys
-
 from mailwire.protocol._dsn import (
     DSNAction,
     DSNParseError,
@@ -127,11 +125,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":

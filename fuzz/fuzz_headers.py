@@ -50,7 +50,6 @@ from __future__ import annotations
 import datetime
 import re
 import stringprep
-import sys
 import unicodedata
 from collections.abc import Callable
 
@@ -376,11 +375,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ over the corpus in the normal test suite.  Invariants checked, beyond "no crash"
 from __future__ import annotations
 
 import re
-import sys
 
 from mailwire.protocol import (
     AuthCredentials,
@@ -127,11 +126,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import zlib
 from dataclasses import replace
@@ -425,13 +424,10 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # only for real fuzzing runs; the corpus test needs nothing extra
+    from _atheris import fuzz  # atheris only for real fuzzing runs
 
     logging.getLogger("mailwire.adapters.spool").setLevel(logging.ERROR)  # damage is expected
-
-    atheris.instrument_all()  # coverage feedback for every module already imported
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    fuzz(test_one_input)
 
 
 if __name__ == "__main__":
