@@ -191,16 +191,19 @@ class _Server:
 
         The scope's deadline is the engine's deadline, which a reply has just restarted: set
         before the reply is written, kept for the read that follows.  Moving it costs a heap
-        operation, so it is only ever moved earlier: a scope that expires before the engine's
-        deadline is a spurious wake-up that _session() answers with a fresh scope, at most
-        once per timeout period, where moving it later would cost two moves per message
-        (the data phase's deadline differs from the command phase's).  Only an awaitable
+        operation (several microseconds in trio), so it is moved only when it is later than
+        the engine's deadline or earlier by more than ``slack``; an early expiry is a
+        spurious wake-up that _session() retries.  It must never be early by more than that:
+        a scope whose deadline passes while the task is runnable is cancelled at the task's
+        next checkpoint, which may be a handler's await (a spool commit), a TLS write or a
+        handshake -- not a read -- and that would end a healthy session.  Only an awaitable
         handler result lifts it (handlers are never timed out).
 
         On a plain connection the reply is sent and the next read awaited right here, on the
         stdlib socket (see _Plain): two coroutine frames fewer to suspend and resume per
         exchange."""
         driver, timeout, offset = live.driver, self.config.command_timeout, self.offset
+        slack = min(1.0, 0.1 * min(timeout, self.config.data_timeout))
         current = scope.deadline  # kept here: only this method moves it
         while True:
             steps = driver.process()
@@ -221,7 +224,7 @@ class _Server:
                 if deadline is None:  # not after a reply; a write is still bounded
                     deadline = driver.clock() + timeout if out else math.inf
                 deadline += offset  # on trio's clock
-                if current > deadline:
+                if current > deadline or current < deadline - slack:
                     scope.deadline = current = deadline
                 stream = box[0]
                 if type(stream) is _Plain:

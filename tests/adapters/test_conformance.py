@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from email.message import EmailMessage
 from typing import Any
 
@@ -390,6 +391,76 @@ def test_stalled_data_gets_421_after_data_timeout(serve: Serve) -> None:
     assert raw.closed()
     raw.close()
     assert inbox.messages == []
+
+
+class _BusyHandler(Handler):
+    """Accepts everything; each recipient costs a millisecond of CPU, so woken sessions
+    queue behind each other."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.lock = threading.Lock()
+
+    def on_rcpt_to(self, session: Session, event: RcptTo) -> None:
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+
+    def on_message_end(self, session: Session) -> None:
+        with self.lock:
+            self.stored += 1
+
+
+def test_busy_tls_sessions_outlive_their_timeouts(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    # Sessions sending messages back to back over TLS for several times both timeouts: every
+    # reply restarts the engine's deadline, so nothing may time out -- not a read and not a
+    # reply.  (A trio scope left early by the data phase's shorter deadline expired while its
+    # session waited to run, and cancelled the next TLS write: "timeout in write".)
+    handler = _BusyHandler()
+    config = ServerConfig(hostname="mx.test", starttls=True, command_timeout=0.4, data_timeout=0.2)
+    server = serve(handler, config, tls_context=server_tls)
+    counts: list[int] = []
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            raw = Raw(server.addresses[0])
+            raw.expect(220)
+            raw.send(b"EHLO c.test\r\n")
+            raw.expect(250)
+            raw.send(b"STARTTLS\r\n")
+            raw.expect(220)
+            raw.starttls(client_tls)
+            raw.send(b"EHLO c.test\r\n")
+            raw.expect(250)
+            sent = 0
+            stop = time.monotonic() + 1.5
+            while time.monotonic() < stop:
+                raw.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+                raw.expect(250)
+                raw.expect(250)
+                raw.send(b"DATA\r\n")
+                raw.expect(354)
+                raw.send(b"Subject: busy\r\n\r\nbody\r\n.\r\n")
+                raw.expect(250)
+                sent += 1
+            raw.send(b"QUIT\r\n")
+            raw.expect(221)
+            raw.close()
+            counts.append(sent)
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CLIENT_TIMEOUT + 5)
+    assert not errors, errors[:3]
+    assert len(counts) == 8 and min(counts) > 5
+    assert handler.stored == sum(counts)
 
 
 def test_stalled_data_after_starttls_gets_421_after_data_timeout(
