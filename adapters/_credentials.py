@@ -253,6 +253,9 @@ def verify_password(password: str, encoded: str) -> bool:
     """True if ``password`` matches ``encoded`` (a hash_password() result).
 
     The password is compared exactly as given (no SASLprep: CredentialsFile.verify does that).
+    Like every PBKDF2/HMAC-based hash, scrypt pads a key of up to 64 octets with zero
+    octets, so "pw" and "pw\0" match the same hash; SASLprep, which prohibits control
+    characters, keeps the second out of AUTH.
 
     Raises:
         ValueError: ``encoded`` is not a valid hash.

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import CLIENT_TIMEOUT
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mailwire.adapters import _credentials, cli
@@ -106,13 +106,37 @@ def test_malformed_hashes_are_refused(text: str) -> None:
         ScryptHash.parse(text)
 
 
+def _same_scrypt_key(a: str, b: str) -> bool:
+    # scrypt's PBKDF2-HMAC-SHA256 pads a key of up to 64 octets with zero octets (RFC 2104),
+    # so such keys that differ only in trailing NULs are the same key
+    ka, kb = a.encode(), b.encode()
+    if len(ka) <= 64 and len(kb) <= 64:
+        return ka.rstrip(b"\0") == kb.rstrip(b"\0")
+    return ka == kb
+
+
 @settings(max_examples=25, deadline=None)
 @given(password=st.text(max_size=40), other=st.text(max_size=40))
+@example(password="", other="\x00")  # found by hypothesis: the HMAC key padding
 def test_verify_accepts_only_the_password_it_was_made_from(password: str, other: str) -> None:
     encoded = hash_password(password, ln=1)
     assert verify_password(password, encoded)
-    assert verify_password(other, encoded) == (other == password)
+    assert verify_password(other, encoded) == _same_scrypt_key(other, password)
     assert ScryptHash.parse(encoded).format() == encoded
+
+
+def test_a_password_with_a_trailing_nul_never_logs_in(tmp_path: Path) -> None:
+    # the raw hash cannot tell "secret" from "secret\0" (HMAC key padding), but SASLprep
+    # prohibits control characters (RFC 4013 2.3, C.2.1), so AUTH refuses the second
+    assert verify_password("secret\0", hash_password("secret", ln=1))
+    path = tmp_path / "users"
+    add_user(path, "bob", "secret", ln=1)
+    users = CredentialsFile(path)
+    try:
+        assert users.verify("bob", "secret")
+        assert not users.verify("bob", "secret\0")
+    finally:
+        users.close()
 
 
 # --- the file ---------------------------------------------------------------------------------
