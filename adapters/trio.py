@@ -174,8 +174,9 @@ class _Server:
         while True:
             with trio.CancelScope() as scope:
                 live.wake = scope.cancel  # a shutdown kick cancels the read in progress
-                await self._exchange(live, box, scope, phase)
-                return
+                if await self._exchange(live, box, scope, phase):
+                    return
+                continue  # the scope expired while the task was busy: a fresh one
             if phase[0] != "read":  # a write or handshake outlived its time: stream broken
                 raise trio.TooSlowError(f"timeout in {phase[0]}")
             if not live.kicked and driver.check_timeout():
@@ -186,8 +187,8 @@ class _Server:
 
     async def _exchange(
         self, live: Live, box: list[trio.abc.Stream], scope: trio.CancelScope, phase: list[str]
-    ) -> None:
-        """Exchanges until the session ends.
+    ) -> bool:
+        """Exchanges until the session ends (True) or ``scope`` must be renewed (False).
 
         The scope's deadline is the engine's deadline, which a reply has just restarted: set
         before the reply is written, kept for the read that follows.  Moving it costs a heap
@@ -261,13 +262,20 @@ class _Server:
                         live.reading = False
                     data = chunk if type(chunk) is bytes else bytes(chunk)
                 driver.receive(data)
+                if scope.cancel_called:
+                    # The scope expired (up to ``slack`` early) after the read's data had
+                    # arrived: trio would deliver it at the next checkpoint, which may be a
+                    # handler's await, a TLS write or a handshake -- ending a session whose
+                    # message may already be stored.  Renew the scope first; a real timeout
+                    # is then found at the next read.
+                    return False
                 continue
             if out:
                 phase[0], scope.deadline = "write", trio.current_time() + timeout
                 current = scope.deadline
                 await box[0].send_all(out)
             if outcome == "CLOSE":
-                return
+                return True
             assert outcome == "STARTTLS" and self.tls_context is not None
             phase[0], scope.deadline = "handshake", trio.current_time() + timeout
             current = scope.deadline
