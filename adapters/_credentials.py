@@ -330,6 +330,11 @@ class CredentialsFile:
             digest=os.urandom(HASH_BYTES),
         )  # fmt: skip
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # the CPUs the pool's threads may use: those of the thread that made this object.
+        # The pool is started by the first submit(), on the threads runtime from a session
+        # thread pinned to one CPU (adapters/threads.py), whose mask new threads inherit;
+        # hashing belongs on every core.
+        self._cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         self._closed = False
         self._refresh(initial=True)
 
@@ -373,10 +378,15 @@ class CredentialsFile:
                 raise RuntimeError("credentials file closed")
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="mailwire-scrypt"
+                    self.workers, thread_name_prefix="mailwire-scrypt", initializer=self._unpin
                 )
             pool = self._pool
         return pool.submit(self.verify, user, password)
+
+    def _unpin(self) -> None:
+        if self._cpus is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._cpus)
 
     def close(self) -> None:
         """Stop the pool (waits for checks in progress)."""

@@ -646,3 +646,33 @@ def test_auth_plain_prepares_name_and_password_and_prohibited_ones_get_535(
     assert _auth_plain(server, "j\u00f6rg", "p\u00e4ss IX\u200e") == 535  # C.8
     assert _auth_plain(server, "j\u00f6rg\ue000", "p\u00e4ss IX") == 535
     assert _auth_plain(server, "j\u00f6rg", "pass IX") == 535
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a process allowed on two CPUs or more",
+)
+def test_the_hashing_pool_runs_on_every_cpu_even_when_started_from_a_pinned_thread(
+    tmp_path: Path,
+) -> None:
+    # On the threads runtime the first AUTH comes from a session thread pinned to one CPU
+    # (adapters/threads.py); threads inherit their creator's mask, and the pool is started
+    # by the first submit().
+    path = tmp_path / "users"
+    add_user(path, "bob", "pw", ln=LN)
+    users = CredentialsFile(path)
+    allowed = os.sched_getaffinity(0)
+    seen: list[set[int]] = []
+
+    def pinned_session() -> None:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert users.submit("bob", "pw").result()
+        seen.append(users._pool.submit(os.sched_getaffinity, 0).result())  # type: ignore[union-attr]
+
+    try:
+        thread = threading.Thread(target=pinned_session)
+        thread.start()
+        thread.join()
+        assert seen == [allowed]
+    finally:
+        users.close()
