@@ -318,8 +318,8 @@ class Driver:
         self.conn.close(Reply(code=421, text=text))
 
     def tls_established(self) -> None:
-        """The STARTTLS handshake succeeded."""
-        self.conn.tls_established()
+        """The STARTTLS handshake succeeded (the client's command time starts now)."""
+        self.conn.tls_established(now=self.clock())
         self._sync()
 
     # --- the decision plumbing ------------------------------------------------------------------

@@ -364,8 +364,13 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def tls_established(self) -> None:
+    def tls_established(self, now: float | None = None) -> None:
         """The TLS handshake after STARTTLS succeeded: the session restarts (RFC 3207 4.2).
+
+        Args:
+            now: the current time, on the clock of ``receive_data``'s ``now``: the client's
+                time for its next command starts here, after the handshake (without it, at
+                the last time the engine saw, before the handshake).
 
         Raises:
             LocalProtocolError: no STARTTLS was accepted.
@@ -378,6 +383,8 @@ class ServerConnection:
         self._peer_domain = None
         self._authenticated = None
         self._reset_transaction()
+        if now is not None:
+            self._now = now
         self._timer_start = self._now
 
     def close(self, reply: Reply | None = None) -> None:

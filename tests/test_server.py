@@ -644,6 +644,22 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert s.codes(b"MAIL FROM:<a@b.example>\r\n") == [503]  # EHLO again first (RFC 3207 4.2)
 
 
+@pytest.mark.parametrize(("handshake_done", "deadline"), [(None, 10.0 + 300), (10.7, 10.7 + 300)])
+def test_after_starttls_the_command_time_starts_when_the_handshake_is_done(
+    handshake_done: float | None, deadline: float
+) -> None:
+    conn = ServerConnection(ServerConfig(starttls=True, command_timeout=300), now=0.0)
+    conn.send(Reply(code=220, text="hi"), now=0.0)
+    conn.receive_data(b"EHLO c\r\n", now=1.0)
+    assert isinstance(conn.next_event(), Ehlo)
+    conn.send(Reply(code=250, text="hi"), now=1.0)
+    conn.receive_data(b"STARTTLS\r\n", now=10.0)
+    assert isinstance(conn.next_event(), StartTLS)
+    assert conn.next_event() is PAUSED
+    conn.tls_established(now=handshake_done)  # a slow handshake must not eat the client's time
+    assert conn.deadline == deadline
+
+
 def test_starttls_not_offered_is_502_and_twice_is_503() -> None:
     assert Session().codes(b"EHLO c\r\nSTARTTLS\r\n") == [250, 502]
     s = Session(starttls=True)

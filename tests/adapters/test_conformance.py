@@ -463,6 +463,26 @@ def test_busy_tls_sessions_outlive_their_timeouts(
     assert handler.stored == sum(counts)
 
 
+def test_a_slow_tls_handshake_does_not_use_up_the_next_commands_time(
+    serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    config = ServerConfig(hostname="mx.test", starttls=True, command_timeout=1.0)
+    server = serve(Inbox(), config, tls_context=server_tls)
+    raw = Raw(server.addresses[0])
+    raw.expect(220)
+    raw.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+    raw.expect(250)
+    raw.expect(220)
+    select.select([], [], [], 0.6)  # the client takes its time to start the handshake
+    raw.starttls(client_tls)
+    select.select([], [], [], 0.6)  # 1.2 s after the 220, 0.6 s after the handshake
+    raw.send(b"EHLO c.test\r\n")
+    raw.expect(250)
+    raw.send(b"QUIT\r\n")
+    raw.expect(221)
+    raw.close()
+
+
 def test_stalled_data_after_starttls_gets_421_after_data_timeout(
     serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
