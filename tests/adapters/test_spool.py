@@ -585,17 +585,23 @@ def test_spool_handler_on_asyncio_imported_after_the_spool(tmp_path: Path) -> No
     """when_done() finds the running asyncio loop although asyncio was imported after it."""
     code = textwrap.dedent(
         """
-        import smtplib, sys
+        import inspect, smtplib, sys
         from mailwire.adapters.spool import SpoolHandler
         from mailwire.adapters.asyncio import Controller
         from mailwire.protocol import ServerConfig
-        handler = SpoolHandler(sys.argv[1], store_format="log")
+        awaited = []
+        class Handler(SpoolHandler):  # records whether the loop was found (an awaitable)
+            def on_message_end(self, session):
+                result = super().on_message_end(session)
+                awaited.append(inspect.isawaitable(result))
+                return result
+        handler = Handler(sys.argv[1], store_format="log")
         with Controller(handler, ServerConfig(hostname="mx.test")) as server:
             with smtplib.SMTP(*server.addresses[0], timeout=10) as client:
                 body = b"Subject: x\\r\\n\\r\\nhi\\r\\n"
                 client.sendmail("a@example.org", ["b@example.net"], body)
         ids = handler.store.list()
-        print(len(ids), handler.store.get(ids[0]).content)
+        print(len(ids), awaited, handler.store.get(ids[0]).content)
         handler.close()
         """
     )
@@ -606,4 +612,4 @@ def test_spool_handler_on_asyncio_imported_after_the_spool(tmp_path: Path) -> No
         check=True,
         timeout=60,
     ).stdout
-    assert out.strip() == "1 b'Subject: x\\r\\n\\r\\nhi\\r\\n'"
+    assert out.strip() == "1 [True] b'Subject: x\\r\\n\\r\\nhi\\r\\n'"
