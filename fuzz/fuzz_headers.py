@@ -144,6 +144,9 @@ def filler(kind: int, size: int) -> bytes:
     return b"X-Long: " + b"a" * (size - 8)
 
 
+LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
 def expected_fields(content: bytes) -> tuple[set[bytes], bool] | None:
     """The module comment's rules, written again over whole lines: the wanted field names
     in the header section and whether the content has no header section at all; None when
@@ -152,14 +155,15 @@ def expected_fields(content: bytes) -> tuple[set[bytes], bool] | None:
     fields = 0
     pos = 0
     while True:
-        nl = content.find(b"\n", pos)
+        brk = LINE_BREAK.search(content, pos)  # CRLF, LF or a lone CR
+        nl = -1 if brk is None else brk.start()
         if nl < 0:
             end = len(content)
             decided = len(content) <= SCAN_LIMIT
         else:
             end = nl
             decided = nl < SCAN_LIMIT
-        line = content[pos:end].removesuffix(b"\r")
+        line = content[pos:end]
         verdict: bool | None = None
         if not line:
             verdict = False  # an empty line, or the end of the content
@@ -183,7 +187,8 @@ def expected_fields(content: bytes) -> tuple[set[bytes], bool] | None:
             return found, bool(verdict)
         if not decided:
             return None
-        pos = nl + 1
+        assert brk is not None
+        pos = brk.end()
 
 
 def expected_date(arrival: float) -> bytes:

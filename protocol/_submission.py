@@ -26,9 +26,10 @@
 # continues the previous field (a folded line, never a new field).  The section ends at the
 # first empty line, at the end of the content, or at the first line that is not a field at
 # all (an mbox "From " line, a body sent without any header): only the fields before it
-# count.  CRLF and bare LF line ends are both accepted.  When the content has no header field
-# at all and goes on with something else, the added fields are followed by an empty line, so
-# that what the client sent becomes the body instead of a broken header section.
+# count.  CRLF, bare LF and a lone CR all end a line, as mail parsers split them (BDAT
+# content may hold lone CRs).  When the content has no header field at all and goes on with
+# something else, the added fields are followed by an empty line, so that what the client
+# sent becomes the body instead of a broken header section.
 #
 # Bounded work: only the first SCAN_LIMIT (64 KiB) octets are read.  A header section that
 # runs past them is undecided, and nothing is added (a second Date or Message-ID would make
@@ -66,13 +67,16 @@ def _scan(content: bytes, limit: int) -> tuple[set[bytes], bool] | None:
     window = min(size, limit)
     pos = 0
     while pos < window:
+        # a line ends at CRLF, LF or a lone CR: mail parsers (Python's email among them)
+        # split at each, so a field after a lone CR is a field to them (found by review: a
+        # BDAT body "Subject: x\rDate: ..." got a second Date)
         nl = content.find(b"\n", pos, window)
-        if nl < 0 and size > window:
+        cr = content.find(b"\r", pos, window if nl < 0 else nl)
+        brk = nl if cr < 0 else cr
+        if brk < 0 and size > window:
             return None  # the line runs past the window
-        end = window if nl < 0 else nl
+        end = window if brk < 0 else brk
         line = content[pos:end]
-        if line.endswith(b"\r"):
-            line = line[:-1]
         if not line:  # the empty line that ends the header section
             return found, False
         if line[0] in b" \t":  # a folded line: part of the previous field
@@ -89,7 +93,7 @@ def _scan(content: bytes, limit: int) -> tuple[set[bytes], bool] | None:
                 found.add(name)
                 if len(found) == 2:
                     return found, False
-        pos = end + 1
+        pos = end + (2 if content[end : end + 2] == b"\r\n" else 1)
     if size > window:
         return None  # the header section goes on past the window
     return found, False

@@ -94,6 +94,16 @@ def test_bare_lf_line_ends_work_like_crlf() -> None:
     assert added(b"Subject: s\nDate: x\nMessage-ID: <a@b>\n\nbody\n") == b""
 
 
+def test_a_lone_cr_ends_a_line_as_mail_parsers_read_it() -> None:
+    # BDAT content may hold lone CRs; Python's email parser (like others) splits lines there,
+    # so adding a Date or Message-ID here would give the message two of each
+    content = b"Subject: x\rDate: Mon, 1 Jan 2024 00:00:00 +0000\rMessage-ID: <a@b>\r\n\r\nbody\r\n"
+    assert added(content) == b""
+    parsed = BytesParser(policy=email.policy.default).parsebytes(content)
+    assert len(parsed.get_all("Date") or []) == 1
+    assert added(b"Subject: x\r\rDate: x\r\n") == DATE + MSGID  # lone CR + CRLF: empty line
+
+
 def test_a_message_without_body_ends_at_the_end_of_the_content() -> None:
     assert added(b"Subject: s\r\nDate: x\r\nMessage-ID: <a@b>") == b""
     assert added(b"Subject: s\r\nDate: x\r\nMessage-ID: <a@b>\r\n") == b""
