@@ -21,10 +21,12 @@ again and sleeps: a convoy of futex waits and context switches.  Measured with s
 kernel), 90 us pinned, and 0.55x -> 0.92x the asyncio adapter's messages/s.  On one CPU a
 thread woken by its socket runs when the GIL holder blocks, and takes the GIL uncontended.
 The cost: what session threads do outside the GIL (TLS encryption, the kernel's copying)
-no longer spreads over cores.  Worker threads the server does not start itself (the spool's
-committer and fsync pool, password hashing) are not pinned unless a session thread creates
-them (Linux threads inherit their creator's CPU mask).  The CPU is the one the server starts
-on, so several servers spread over the cores as the kernel placed them.
+no longer spreads over cores.  Worker threads the server does not start itself are not
+pinned unless a session thread creates them (Linux threads inherit their creator's CPU
+mask): the spool's committer and fsync pool are started elsewhere, and the password-hashing
+pool, started by the first AUTH, resets its threads to its creator's CPUs.  The CPU is the
+one the server starts on, so several servers spread over the cores as the kernel placed
+them.
 """
 
 from __future__ import annotations
