@@ -68,6 +68,15 @@ class Raw:
         assert self.buf == b""
         self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
 
+    def greet_over_tls(self, ctx: ssl.SSLContext) -> None:
+        """Greeting, EHLO, STARTTLS, the handshake: ready for EHLO inside TLS."""
+        self.expect(220)
+        self.send(b"EHLO c.test\r\n")
+        self.expect(250)
+        self.send(b"STARTTLS\r\n")
+        self.expect(220)
+        self.starttls(ctx)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -427,12 +436,7 @@ def test_busy_tls_sessions_outlive_their_timeouts(
     def session() -> None:
         try:
             raw = Raw(server.addresses[0])
-            raw.expect(220)
-            raw.send(b"EHLO c.test\r\n")
-            raw.expect(250)
-            raw.send(b"STARTTLS\r\n")
-            raw.expect(220)
-            raw.starttls(client_tls)
+            raw.greet_over_tls(client_tls)
             raw.send(b"EHLO c.test\r\n")
             raw.expect(250)
             sent = 0
@@ -491,12 +495,7 @@ def test_stalled_data_after_starttls_gets_421_after_data_timeout(
     config = ServerConfig(hostname="mx.test", starttls=True, command_timeout=30, data_timeout=0.2)
     server = serve(inbox, config, tls_context=server_tls)
     raw = Raw(server.addresses[0])
-    raw.expect(220)
-    raw.send(b"EHLO c.test\r\n")
-    raw.expect(250)
-    raw.send(b"STARTTLS\r\n")
-    raw.expect(220)
-    raw.starttls(client_tls)
+    raw.greet_over_tls(client_tls)
     raw.send(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
     for code in (250, 250, 250, 354):
         raw.expect(code)
