@@ -467,6 +467,67 @@ def test_busy_tls_sessions_outlive_their_timeouts(
     assert handler.stored == sum(counts)
 
 
+class _LoopBlocker(Handler):
+    """A recipient "block@..." blocks the handler's caller (trio's event loop) for ``block``
+    seconds; each end of message is an await (a checkpoint that is not a read)."""
+
+    def __init__(self, block: float) -> None:
+        self.block = block
+        self.stored = 0
+
+    def on_rcpt_to(self, session: Session, event: RcptTo) -> None:
+        if event.address.startswith("block@"):
+            time.sleep(self.block)  # the event loop is busy with another session
+
+    async def on_message_end(self, session: Session) -> None:
+        await trio.sleep(0)
+        self.stored += 1
+
+
+@pytest.mark.parametrize("runtime", ["trio"], indirect=True)
+def test_trio_scope_expiring_while_the_loop_is_busy_does_not_end_the_session(
+    serve: Serve,
+) -> None:
+    # The session's CancelScope may expire up to `slack` (here 0.4 s) before the engine's
+    # deadline.  If that happens while the final "." is waiting for a busy loop, trio used to
+    # deliver the cancel at the next checkpoint -- the handler's await -- and the session
+    # ended although its time had not run out (with a spool: after the commit).
+    # Times: DATA at ~0; the body at 0.35 restarts the engine's data deadline (4.35), not
+    # the scope's (~4.0); another session blocks the loop from 3.5 to 4.15; "." at 3.9.
+    handler = _LoopBlocker(block=0.65)
+    config = ServerConfig(hostname="mx.test", command_timeout=4.0, data_timeout=4.0)
+    server = serve(handler, config)
+    start = time.monotonic()
+
+    def at(t: float) -> None:
+        select.select([], [], [], max(0.0, start + t - time.monotonic()))
+
+    victim = Raw(server.addresses[0])
+    victim.expect(220)
+    victim.send(b"HELO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    victim.send(b"DATA\r\n")
+    for code in (250, 250, 250, 354):
+        victim.expect(code)
+    at(0.35)
+    victim.send(b"Subject: x\r\n\r\nbody\r\n")
+    blocker = Raw(server.addresses[0])
+    blocker.expect(220)
+    blocker.send(b"HELO c.test\r\nMAIL FROM:<a@example.org>\r\n")
+    blocker.expect(250)
+    blocker.expect(250)
+    at(3.5)
+    blocker.send(b"RCPT TO:<block@example.net>\r\n")
+    at(3.9)
+    victim.send(b".\r\n")
+    assert victim.reply()[0] == 250
+    assert handler.stored == 1
+    blocker.expect(250)
+    for raw in (victim, blocker):
+        raw.send(b"QUIT\r\n")
+        raw.expect(221)
+        raw.close()
+
+
 def test_a_slow_tls_handshake_does_not_use_up_the_next_commands_time(
     serve: Serve, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
