@@ -479,7 +479,7 @@ class _LoopBlocker(Handler):
         if event.address.startswith("block@"):
             time.sleep(self.block)  # the event loop is busy with another session
 
-    async def on_message_end(self, session: Session) -> None:
+    async def on_message_end(self, session: Session) -> None:  # type: ignore[override]
         await trio.sleep(0)
         self.stored += 1
 
