@@ -763,19 +763,11 @@ def test_restart_queues_every_stored_message(mx: Net, tmp_path: Path, kind: str)
     run(mx, tmp_path, body, kind=kind)
 
 
-@over_agents
-def test_opportunistic_starttls_is_used_when_offered(
-    mx: Net, tmp_path: Path, server_tls: Any, kind: str
-) -> None:
+@contextlib.contextmanager
+def tls_mx(mx: Net, server_tls: Any) -> Iterator[tuple[Receiver, list[bool]]]:
+    """A receiver offering STARTTLS for ``tls.test`` on 127.0.0.9 while the block runs;
+    the list records ``session.tls`` at each MAIL it takes."""
     receiver = Receiver()
-    controller = Controller(
-        receiver,
-        ServerConfig(hostname="tls.test", starttls=True),
-        listen=[("127.0.0.9", mx.port)],
-        tls_context=server_tls,
-    )
-    controller.start()
-    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
     tls_seen: list[bool] = []
     orig = receiver.on_mail_from
 
@@ -784,25 +776,6 @@ def test_opportunistic_starttls_is_used_when_offered(
         return orig(session, event)
 
     receiver.on_mail_from = on_mail_from  # type: ignore[method-assign]
-
-    async def body(w: World) -> None:
-        await submit(w, "ned@tls.test")
-        await w.run_once()
-        assert only(receiver.messages).recipients == ["ned@tls.test"]
-        assert tls_seen == [True]
-
-    try:
-        run(mx, tmp_path, body, kind=kind)
-    finally:
-        controller.stop()
-        del mx.dns.zone["tls.test"]
-
-
-@over_agents
-def test_tls_policy_none_stays_in_clear_text(
-    mx: Net, tmp_path: Path, server_tls: Any, kind: str
-) -> None:
-    receiver = Receiver()
     controller = Controller(
         receiver,
         ServerConfig(hostname="tls.test", starttls=True),
@@ -811,17 +784,38 @@ def test_tls_policy_none_stays_in_clear_text(
     )
     controller.start()
     mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
+    try:
+        yield receiver, tls_seen
+    finally:
+        controller.stop()
+        del mx.dns.zone["tls.test"]
 
+
+@over_agents
+def test_opportunistic_starttls_is_used_when_offered(
+    mx: Net, tmp_path: Path, server_tls: Any, kind: str
+) -> None:
+    async def body(w: World) -> None:
+        await submit(w, "ned@tls.test")
+        await w.run_once()
+        assert only(receiver.messages).recipients == ["ned@tls.test"]
+        assert tls_seen == [True]
+
+    with tls_mx(mx, server_tls) as (receiver, tls_seen):
+        run(mx, tmp_path, body, kind=kind)
+
+
+@over_agents
+def test_tls_policy_none_stays_in_clear_text(
+    mx: Net, tmp_path: Path, server_tls: Any, kind: str
+) -> None:
     async def body(w: World) -> None:
         await submit(w, "ned@tls.test")
         await w.run_once()
         assert only(receiver.messages).recipients == ["ned@tls.test"]
 
-    try:
+    with tls_mx(mx, server_tls) as (receiver, tls_seen):
         run(mx, tmp_path, body, tls=TLSPolicy.NONE, kind=kind)
-    finally:
-        controller.stop()
-        del mx.dns.zone["tls.test"]
 
 
 @over_agents
@@ -1268,24 +1262,6 @@ def test_a_cached_session_the_receiver_closed_is_replaced_by_a_fresh_one(
 def test_tls_sessions_are_reused_with_tls(
     mx: Net, tmp_path: Path, server_tls: Any, kind: str
 ) -> None:
-    receiver = Receiver()
-    controller = Controller(
-        receiver,
-        ServerConfig(hostname="tls.test", starttls=True),
-        listen=[("127.0.0.9", mx.port)],
-        tls_context=server_tls,
-    )
-    controller.start()
-    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
-    tls_seen: list[bool] = []
-    orig = receiver.on_mail_from
-
-    def on_mail_from(session: Session, event: MailFrom) -> Reply | None:
-        tls_seen.append(session.tls)
-        return orig(session, event)
-
-    receiver.on_mail_from = on_mail_from  # type: ignore[method-assign]
-
     async def body(w: World) -> None:
         await submit_each(w, "ned@tls.test", "ola@tls.test", "pia@implicit.test")
         await w.run_once()
@@ -1294,11 +1270,8 @@ def test_tls_sessions_are_reused_with_tls(
         assert tls_seen == [True, True]  # the second message rode the TLS session
         assert mx.receivers["127.0.0.3"].sessions == 1  # the plain target: its own
 
-    try:
+    with tls_mx(mx, server_tls) as (receiver, tls_seen):
         run(mx, tmp_path, body, kind=kind, max_deliveries=1)
-    finally:
-        controller.stop()
-        del mx.dns.zone["tls.test"]
 
 
 @over_agents
