@@ -39,7 +39,7 @@
 # to be set again.  add_user() rewrites an old unprepared line of the same user in place.
 #   Identity.  Many strings now log in as one user ("b\u00adob" is "bob"), but the engine
 # records the name as received (Session.authenticated_as): anything keyed per user (the
-# per-user rate limits) must key on saslprep(name, allow_unassigned=True), or a user gets a
+# per-user rate limits) must key on user_key(name) (SASLprep as a query), or a user gets a
 # fresh bucket per spelling.
 #
 # Invariants.
@@ -189,6 +189,14 @@ def _query_form(text: str) -> str | None:
         return saslprep(text, allow_unassigned=True)
     except SASLprepError:
         return None
+
+
+def user_key(user: str) -> str:
+    """The user ``user`` logs in as, for anything kept per user (limits, the PLAIN
+    authorization identity): SASLprep'd as a query, the key verify() looks up; ``user``
+    itself when SASLprep prohibits it (such a name never logs in)."""
+    key = _query_form(user)
+    return user if key is None else key
 
 
 def _stored_name(user: str) -> str:
@@ -601,5 +609,6 @@ __all__ = [
     "hash_password",
     "parse_credentials",
     "remove_user",
+    "user_key",
     "verify_password",
 ]

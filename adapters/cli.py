@@ -74,7 +74,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from mailwire.adapters._credentials import SCRYPT_LN, CredentialsFile, add_user, remove_user
+from mailwire.adapters._credentials import (
+    SCRYPT_LN,
+    CredentialsFile,
+    add_user,
+    remove_user,
+    user_key,
+)
 from mailwire.adapters._driver import BaseController, Session
 from mailwire.adapters._futures import when_done
 from mailwire.adapters._spool import STORE_FORMATS, SpoolError, SpoolHandler
@@ -83,7 +89,6 @@ from mailwire.protocol._errors import LocalProtocolError
 from mailwire.protocol._events import AuthCredentials, MailFrom, RcptTo, Reply
 from mailwire.protocol._policy import Limit, Rate, RateLimiter, SenderLimits, check_relay
 from mailwire.protocol._policy import RelayPolicy as RelayRules
-from mailwire.protocol._saslprep import saslprep
 
 log = logging.getLogger("mailwire.adapters.cli")
 RUNTIMES = ("asyncio", "trio", "threads")
@@ -331,7 +336,7 @@ class AuthPolicy:
         if credentials is None:
             return super().on_auth(session, event)  # type: ignore[misc]
         authzid = event.authorization_id
-        if authzid and _prepared(authzid) != _prepared(event.username):
+        if authzid and user_key(authzid) != user_key(event.username):
             log.info("%s AUTH refused: authorization identity differs", session.id)
             return _AUTH_FAILED
         try:
@@ -363,19 +368,10 @@ def _auth_reply(
 
 
 def _identity(session: Session) -> str | None:
-    # the per-user limit's key: SASLprep'd, since every form that prepares the same logs in
-    # as the same user ("b\u00adob" is "bob")
+    # the per-user limit's key: every spelling that logs in as a user is that user
+    # ("b\u00adob" is "bob"; adapters/_credentials.py)
     user = session.authenticated_as
-    return None if user is None else _prepared(user)
-
-
-def _prepared(name: str) -> str:
-    """``name`` as the credentials file compares it (SASLprep, RFC 4013, unassigned code
-    points allowed as in a query), or as given when SASLprep refuses it."""
-    try:
-        return saslprep(name, allow_unassigned=True)
-    except ValueError:
-        return name
+    return None if user is None else user_key(user)
 
 
 def _client(session: Session) -> str:
