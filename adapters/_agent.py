@@ -827,6 +827,17 @@ class AgentCore:
             expiry = self.sessions.next_expiry()
         return None if expiry is None else max(0.0, expiry - self.monotonic())
 
+    def _idle_delay(self, idle: float) -> float:
+        """How long a run loop may wait for a wake-up: until the next delivery is due or the
+        next cached session expires, at most ``idle``; ``idle`` while every delivery slot is
+        taken (a finishing delivery wakes the loop)."""
+        wakeup = self.scheduler.next_wakeup()
+        delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
+        if self.scheduler.in_flight >= self.config.max_deliveries:
+            delay = idle
+        reap = self._channel_delay()
+        return delay if reap is None else min(delay, reap)
+
     def _drain_channels(self) -> list[Channel]:
         """Every cached session, removed from the cache (to close)."""
         with self._lock:

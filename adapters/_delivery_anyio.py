@@ -197,13 +197,7 @@ class DeliveryAgent(AgentCore):
                     expired = self._expired_channels()
                     if expired:
                         group.start_soon(self._close_channels, expired)
-                    wakeup = self.scheduler.next_wakeup()
-                    delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
-                    if self.scheduler.in_flight >= limit:
-                        delay = idle  # a finishing delivery wakes us
-                    reap = self._channel_delay()
-                    if reap is not None:
-                        delay = min(delay, reap)
+                    delay = self._idle_delay(idle)
                     with anyio.move_on_after(delay):
                         await self._wake.wait()
                 group.cancel_scope.cancel()

@@ -201,13 +201,7 @@ class BlockingDeliveryAgent(AgentCore):
                             futures.add(pool.submit(self._run_one, delivery))
                     futures = {f for f in futures if not f.done()}
                     self._close_channels(self._expired_channels())  # non-blocking
-                    wakeup = self.scheduler.next_wakeup()
-                    delay = idle if wakeup is None else max(0.0, min(idle, wakeup - self.clock()))
-                    if self.scheduler.in_flight >= limit:
-                        delay = idle  # a finishing delivery wakes us
-                    reap = self._channel_delay()
-                    if reap is not None:
-                        delay = min(delay, reap)
+                    delay = self._idle_delay(idle)
                     if delay > 0:
                         self._cond.wait(delay)
         finally:
