@@ -776,19 +776,14 @@ def tls_mx(mx: Net, server_tls: Any) -> Iterator[tuple[Receiver, list[bool]]]:
         return orig(session, event)
 
     receiver.on_mail_from = on_mail_from  # type: ignore[method-assign]
-    controller = Controller(
-        receiver,
-        ServerConfig(hostname="tls.test", starttls=True),
-        listen=[("127.0.0.9", mx.port)],
-        tls_context=server_tls,
-    )
-    controller.start()
-    mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
-    try:
-        yield receiver, tls_seen
-    finally:
-        controller.stop()
-        del mx.dns.zone["tls.test"]
+    config = ServerConfig(hostname="tls.test", starttls=True)
+    listen = [("127.0.0.9", mx.port)]
+    with Controller(receiver, config, listen=listen, tls_context=server_tls):
+        mx.dns.zone["tls.test"] = {"A": ["127.0.0.9"]}
+        try:
+            yield receiver, tls_seen
+        finally:
+            del mx.dns.zone["tls.test"]
 
 
 @over_agents
@@ -1010,9 +1005,6 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(
     mx: Net, tmp_path: Path, kind: str
 ) -> None:
     boxes = LmtpMailboxes()
-    server = Controller(boxes, ServerConfig(hostname="store.test", lmtp=True))
-    server.start()
-    host, port = server.addresses[0]
 
     async def body(w: World) -> None:
         qid = await submit(w, "ok@local.test", "full@local.test")
@@ -1025,10 +1017,9 @@ def test_local_domains_can_go_over_lmtp_with_per_recipient_results(
         assert qid not in w.agent.scheduler
         assert list(w.maildirs.glob("*/*/new/*")) == []  # nothing went to the Maildirs
 
-    try:
+    with Controller(boxes, ServerConfig(hostname="store.test", lmtp=True)) as server:
+        host, port = server.addresses[0]
         run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port), kind=kind)
-    finally:
-        server.stop()
 
 
 @over_agents
@@ -1036,9 +1027,6 @@ def test_lmtp_delivery_with_notify_success_is_reported_delivered(
     mx: Net, tmp_path: Path, kind: str
 ) -> None:
     boxes = LmtpMailboxes()
-    server = Controller(boxes, ServerConfig(hostname="store.test", lmtp=True))
-    server.start()
-    host, port = server.addresses[0]
 
     async def body(w: World) -> None:
         await submit(w, "ok@local.test", notify=("SUCCESS",))
@@ -1048,10 +1036,9 @@ def test_lmtp_delivery_with_notify_success_is_reported_delivered(
         assert rcpt.action is DSNAction.DELIVERED  # LMTP is final delivery, DSN or not
         assert rcpt.final_recipient == "rfc822;ok@local.test"
 
-    try:
+    with Controller(boxes, ServerConfig(hostname="store.test", lmtp=True)) as server:
+        host, port = server.addresses[0]
         run(mx, tmp_path, body, lmtp=NextHop(host=host, port=port), kind=kind)
-    finally:
-        server.stop()
 
 
 # --- RFC 3461 success notices: delivered, relayed, or passed on ----------------------------------
